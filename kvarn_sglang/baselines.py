@@ -110,7 +110,7 @@ class TileMethod(PageMethod):
     head_dim: int
     rotated: bool
     k_per_channel: bool
-    sinkhorn_iters: int = 0
+    sinkhorn_iters: int | None = None  # None: no variance normalization
 
     @cached_property
     def layout(self) -> PageLayout:
@@ -120,7 +120,7 @@ class TileMethod(PageMethod):
             k_bits=self.k_bits,
             v_bits=self.v_bits,
             k_per_channel=self.k_per_channel,
-            normalized=self.sinkhorn_iters > 0,
+            normalized=self.sinkhorn_iters is not None,
         )
 
     def _quantize(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -222,7 +222,7 @@ def get_method(name: str, *, head_dim: int = 128, page_size: int = 128) -> PageM
         return TileMethod(name, bits, bits, g, d, rotated=not kivi, k_per_channel=kivi)
     if m := re.fullmatch(r"kvarn-(norot|nonorm)-" + _BITS, name):
         kb, vb, norot = int(m[2]), int(m[3]), m[1] == "norot"
-        iters = get_preset().sinkhorn_iters if norot else 0
+        iters = get_preset().sinkhorn_iters if norot else None
         return TileMethod(name, kb, vb, g, d, not norot, True, sinkhorn_iters=iters)
     raise ValueError(
         f"Unknown method {name!r}: expected fp16, fp8, int8, int4, kivi2, kivi4, hadamard2, "

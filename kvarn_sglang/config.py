@@ -26,7 +26,7 @@ class KVarNConfig:
         v_bits: bits per V code (2 or 4); V is quantized per token over the channels.
         page_size: tokens per tile G (64 or 128); equals SGLang's ``--page-size``.
         head_dim: channels per KV head D (64, 128 or 256; a power of two for the Hadamard).
-        sinkhorn_iters: variance-normalization iterations (0 disables normalization).
+        sinkhorn_iters: variance-normalization iterations (0 keeps the format, norm of ones).
         sink_pages: leading pages of every sequence kept in fp16 (attention sinks).
         clip_quantile: if > 0, the RTN range of a row is [q(p), q(1-p)] instead of [min, max].
     """

@@ -145,14 +145,15 @@ def _pow2_rebalance(row_mag: torch.Tensor, col_mag: torch.Tensor) -> torch.Tenso
 
 
 def quantize_oriented(
-    m: torch.Tensor, bits: int, sinkhorn_iters: int, clip_quantile: float = 0.0
+    m: torch.Tensor, bits: int, sinkhorn_iters: int | None, clip_quantile: float = 0.0
 ) -> TileCodes:
     """Quantize a batch of oriented tiles ``fp32 [N, R, C]`` row-wise.
 
-    With ``sinkhorn_iters > 0`` the tile is variance-normalized first and the normalization
-    is absorbed into the metadata (KVarN); with 0 it is plain per-row RTN (KIVI, RTN).
+    With an int ``sinkhorn_iters`` the tile is variance-normalized first and the
+    normalization is absorbed into the metadata (KVarN; 0 iterations keep the format with a
+    norm of ones); with None it is plain per-row RTN without a norm (KIVI, RTN per token).
     """
-    if sinkhorn_iters > 0:
+    if sinkhorn_iters is not None:
         row_norm, col_norm = variance_normalize(m, sinkhorn_iters)
         codes, scale, zero = rtn_quantize(m / col_norm / row_norm, bits, clip_quantile)
         scale, zero, col = scale * row_norm, zero * row_norm, col_norm.squeeze(1)
@@ -228,7 +229,7 @@ def quantize_tile_pages(
     v_bits: int,
     rotated: bool,
     k_per_channel: bool,
-    sinkhorn_iters: int,
+    sinkhorn_iters: int | None,
     clip_quantile: float = 0.0,
 ) -> torch.Tensor:
     """Quantize pages with any tile method (KVarN, its ablations, KIVI, RTN per token).
@@ -238,7 +239,7 @@ def quantize_tile_pages(
         layout: the method's ``tile_layout``.
         rotated: apply the Hadamard rotation along head_dim first.
         k_per_channel: orient K ``[D, G]`` (per channel) instead of ``[G, D]`` (per token).
-        sinkhorn_iters: variance-normalization iterations, 0 for plain RTN.
+        sinkhorn_iters: variance-normalization iterations, None for plain RTN (no norm).
     Returns:
         ``uint8 [P, H, layout.page_bytes]``.
     """

@@ -1,0 +1,34 @@
+"""Shared fixtures and helpers for the CPU test suite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(os.environ.get("KVARN_SHARED_DATA", Path(__file__).parents[1] / "../shared/data"))
+
+# One tolerance table per dtype for float comparisons (absolute, relative).
+TOLERANCE = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+
+
+def kv_like(pages: int, g: int, heads: int, d: int, *, seed: int = 0, dtype=torch.float32):
+    """Random K, V ``[pages, g, heads, d]`` shaped like real caches: K has a few outlier
+    channels and a large first token, V is closer to Gaussian."""
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(pages, g, heads, d, generator=gen)
+    k[..., : max(1, d // 32)] *= 8.0
+    k[:, 0] *= 3.0
+    v = torch.randn(pages, g, heads, d, generator=gen) * (1 + torch.rand(1, g, heads, 1, generator=gen))
+    return k.to(dtype), v.to(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
