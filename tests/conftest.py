@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(os.environ.get("KVARN_SHARED_DATA", Path(__file__).parents[1] / "../shared/data"))
+SHARED_DATA = Path(
+    os.environ.get("KVARN_SHARED_DATA", Path(__file__).parents[1] / "../shared/data")
+)
 
 # One tolerance table per dtype for float comparisons (absolute, relative).
 TOLERANCE = {
@@ -25,7 +27,9 @@ def kv_like(pages: int, g: int, heads: int, d: int, *, seed: int = 0, dtype=torc
     k = torch.randn(pages, g, heads, d, generator=gen)
     k[..., : max(1, d // 32)] *= 8.0
     k[:, 0] *= 3.0
-    v = torch.randn(pages, g, heads, d, generator=gen) * (1 + torch.rand(1, g, heads, 1, generator=gen))
+    v = torch.randn(pages, g, heads, d, generator=gen) * (
+        1 + torch.rand(1, g, heads, 1, generator=gen)
+    )
     return k.to(dtype), v.to(dtype)
 
 

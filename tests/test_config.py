@@ -9,7 +9,12 @@ from kvarn_sglang.config import DEFAULT_PRESET, PRESETS, KVarNConfig, get_preset
 
 @pytest.mark.parametrize(
     "name, bytes_per_token, page_bytes",
-    [("k4v2_g128", 108, 13824), ("k4v4_g128", 140, 17920), ("k2v2_g128", 76, 9728), ("k4v2_g64", 114, 7296)],
+    [
+        ("k4v2_g128", 108, 13824),
+        ("k4v4_g128", 140, 17920),
+        ("k2v2_g128", 76, 9728),
+        ("k4v2_g64", 114, 7296),
+    ],
 )
 def test_preset_bytes_match_the_spec(name, bytes_per_token, page_bytes):
     cfg = get_preset(name, head_dim=128)

@@ -37,7 +37,9 @@ def test_pack_rejects_ragged_rows():
 
 
 def test_record_pack_unpack_round_trip():
-    layout = tile_layout(page_size=64, head_dim=64, k_bits=4, v_bits=2, k_per_channel=True, normalized=True)
+    layout = tile_layout(
+        page_size=64, head_dim=64, k_bits=4, v_bits=2, k_per_channel=True, normalized=True
+    )
     parts = {}
     for f in layout.fields:
         if f.dtype == torch.uint8:
@@ -56,7 +58,9 @@ def test_record_pack_rejects_missing_and_misshapen_fields():
     with pytest.raises(ValueError, match="Invalid fields"):
         layout.pack({"a": torch.zeros(1, 4, dtype=torch.float16)})
     with pytest.raises(ValueError, match="Invalid shape of b"):
-        layout.pack({"a": torch.zeros(1, 4, dtype=torch.float16), "b": torch.zeros(1, 7, dtype=torch.uint8)})
+        layout.pack(
+            {"a": torch.zeros(1, 4, dtype=torch.float16), "b": torch.zeros(1, 7, dtype=torch.uint8)}
+        )
 
 
 def test_record_unpack_rejects_wrong_size():

@@ -92,11 +92,19 @@ def test_every_element_is_within_half_a_step_of_its_input(name, d):
     k_t, v_t = decode_tiles(quantize_pages(k, v, cfg), cfg.layout)
     for x, t, per_channel, bits in ((k, k_t, True, cfg.k_bits), (v, v_t, False, cfg.v_bits)):
         m = _tiles(rotate(x), per_channel)
-        scale, zero, norm = t.scale.float()[:, :, None], t.zero.float()[:, :, None], t.norm.float()[:, None, :]
+        scale, zero, norm = (
+            t.scale.float()[:, :, None],
+            t.zero.float()[:, :, None],
+            t.norm.float()[:, None, :],
+        )
         step = scale.abs() * norm.abs()
         slack = (zero.abs() + (2**bits - 1) * scale.abs()) * norm.abs() * 2.0**-10
         err = (dequantize_oriented(t) - m).abs()
-        assert (err <= step / 2 + slack + 1e-6).all(), (name, d, float((err - step / 2 - slack).max()))
+        assert (err <= step / 2 + slack + 1e-6).all(), (
+            name,
+            d,
+            float((err - step / 2 - slack).max()),
+        )
 
 
 @pytest.mark.parametrize("d", HEAD_DIMS)
@@ -138,7 +146,7 @@ def test_clip_quantile_changes_the_codes_and_stays_bounded():
     clipped_cfg = get_preset("k2v2_g128", head_dim=64, clip_quantile=0.02)
     clipped = quantize_pages(k, v, clipped_cfg)
     assert not torch.equal(plain, clipped)
-    kd, vd = dequantize_pages(clipped, clipped_cfg)
+    _kd, vd = dequantize_pages(clipped, clipped_cfg)
     assert (vd - v).norm() / v.norm() < REL_ERROR_BOUND[2]
 
 

@@ -94,7 +94,9 @@ def test_quantize_rejects_tiles_beyond_the_fp16_metadata_range():
 
 def test_quantize_rejects_integer_dtype():
     k = torch.zeros(1, 64, 1, 64, dtype=torch.int32)
-    with pytest.raises(TypeError, match="Unsupported dtype of k: expected float16, bfloat16 or float32"):
+    with pytest.raises(
+        TypeError, match="Unsupported dtype of k: expected float16, bfloat16 or float32"
+    ):
         quantize_pages(k, k, CFG)
 
 
@@ -103,7 +105,9 @@ def test_quantize_rejects_integer_dtype():
 )
 def test_quantize_rejects_wrong_shapes(shape):
     k = torch.zeros(shape)
-    with pytest.raises(ValueError, match=r"Invalid shape of k: expected \[num_pages, 64, num_kv_heads, 64\]"):
+    with pytest.raises(
+        ValueError, match=r"Invalid shape of k: expected \[num_pages, 64, num_kv_heads, 64\]"
+    ):
         quantize_pages(k, k, CFG)
 
 
