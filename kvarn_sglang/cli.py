@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import platform
 import sys
@@ -57,7 +58,11 @@ def _quant_error(args: argparse.Namespace) -> int:
             "page_size": args.page_size,
             "sink_pages": args.sink_pages,
             "device": "cpu",
-            "versions": {"python": platform.python_version(), "torch": torch.__version__},
+            "versions": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "transformers": importlib.metadata.version("transformers"),
+            },
             "seconds": round(time.time() - started, 1),
             "rows": rows_to_json(rows),
         }
@@ -97,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra_meta: dict | None = None) -> int:
+    """Run the CLI; ``extra_meta`` is merged into a written JSON result (benchmarks)."""
     args = build_parser().parse_args(argv)
+    if extra_meta:
+        args.extra_meta = extra_meta
     try:
         return args.func(args)
     except (ValueError, TypeError) as err:

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
-
-SHARED_DATA = Path(
-    os.environ.get("KVARN_SHARED_DATA", Path(__file__).parents[1] / "../shared/data")
-)
 
 # One tolerance table per dtype for float comparisons (absolute, relative).
 TOLERANCE = {
