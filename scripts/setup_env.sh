@@ -17,5 +17,5 @@ rm -rf "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip setuptools
 "$VENV/bin/python" -m pip install -q --no-deps -r requirements/cpu-test.txt
 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
-"$VENV/bin/python" -c "import sglang.srt.mem_cache.memory_pool, kvarn_sglang" 2>/dev/null
+"$VENV/bin/python" -W ignore -c "import sglang.srt.mem_cache.memory_pool, kvarn_sglang"
 echo "$want" > "$VENV/.stamp"
