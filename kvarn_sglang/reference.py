@@ -288,6 +288,12 @@ def quantize_pages(k: torch.Tensor, v: torch.Tensor, config: KVarNConfig) -> tor
     )
 
 
+def ref_commit_pages(k: torch.Tensor, v: torch.Tensor, config: KVarNConfig) -> torch.Tensor:
+    """Spec of the commit kernel (``kvarn_sglang.kernels.commit.commit_pages``): the records
+    ``quantize_pages`` produces."""
+    return quantize_pages(k, v, config)
+
+
 def dequantize_pages(
     records: torch.Tensor, config: KVarNConfig, *, rotated: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
