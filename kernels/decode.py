@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from kvarn_sglang.kernels.validate import check_paged_inputs
 
 from kvarn_sglang.config import KVarNConfig
+from kvarn_sglang.kernels.validate import check_paged_inputs
 from kvarn_sglang.reference import PagedKVCache, hadamard_matrix
 
 LOG2E = 1.4426950408889634
