@@ -13,13 +13,22 @@ Reference: ``kvarn_sglang.reference.ref_commit_pages``.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
 from kvarn_sglang.config import KVarNConfig
-from kvarn_sglang.reference import LOG_MAX, LOG_MIN, SCALE_MIN, STD_MAX, STD_MIN, check_pages
+from kvarn_sglang.reference import (
+    LOG_MAX,
+    LOG_MIN,
+    SCALE_MIN,
+    STD_MAX,
+    STD_MIN,
+    check_pages,
+    hadamard_matrix,
+)
 
 
 @triton.jit
@@ -49,7 +58,7 @@ def _imbalance(m, R: tl.constexpr, C: tl.constexpr):
 @triton.jit
 def _commit_tile_kernel(
     x_ptr, stride_xp, stride_xg, stride_xh,  # [P, G, H, D] input, last stride 1
-    sign_ptr,  # [D, D] Hadamard signs (+1/-1) in the input dtype
+    sign_ptr,  # [D, D] Hadamard signs (+1/-1), fp32
     index_ptr,  # [P] int64 record row of each page
     out_u8_ptr, out_f16_ptr, stride_or, stride_oh,  # records; strides in bytes
     codes_off, scale_off, zero_off, norm_off,  # field offsets in bytes
@@ -67,7 +76,8 @@ def _commit_tile_kernel(
         x_ptr + page * stride_xp + head * stride_xh + tok[:, None] * stride_xg + ch[None, :]
     )
     sign = tl.load(sign_ptr + ch[:, None] * D + ch[None, :])
-    xr = tl.dot(x, sign, out_dtype=tl.float32) * inv_sqrt_d  # [G, D], rotated
+    # Exact fp32 products (not tf32): the rotation feeds the rounding decisions.
+    xr = tl.dot(x.to(tl.float32), sign, input_precision="ieee") * inv_sqrt_d  # [G, D]
     # [R, C]: rows = channels ([D, G]) for K, rows = tokens ([G, D]) for V.
     m = tl.trans(xr) if PER_CHANNEL else xr
 
@@ -127,17 +137,10 @@ def _commit_tile_kernel(
     tl.store(out_f16_ptr + rec16 + norm_off // 2 + cols[None, :], (col_norm / c).to(tl.float16))
 
 
-_SIGNS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _hadamard_signs(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = (d, dtype, device)
-    if key not in _SIGNS:
-        h = torch.ones(1, 1)
-        while h.shape[0] < d:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        _SIGNS[key] = h.to(dtype=dtype, device=device).contiguous()
-    return _SIGNS[key]
+@lru_cache(maxsize=32)
+def _hadamard_signs(d: int, device: torch.device) -> torch.Tensor:
+    """The unnormalized Sylvester Hadamard matrix (entries +1/-1), fp32 [d, d]."""
+    return (hadamard_matrix(d, device) * math.sqrt(d)).round().contiguous()
 
 
 def commit_pages(
@@ -206,7 +209,7 @@ def commit_pages(
         check_pages("v", v, g, d)
     if p == 0:
         return out
-    sign = _hadamard_signs(d, k.dtype, k.device)
+    sign = _hadamard_signs(d, k.device)
     out_f16 = out.view(torch.float16)
     for x, kind, bits, per_channel in (
         (k, "k", config.k_bits, True),

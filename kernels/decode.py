@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from kvarn_sglang.config import KVarNConfig
-from kvarn_sglang.kernels.validate import check_paged_inputs
+from kvarn_sglang.kernels.validate import check_paged_inputs, slot_operand_dtype
 from kvarn_sglang.reference import PagedKVCache, hadamard_matrix
 
 LOG2E = 1.4426950408889634
@@ -56,6 +56,7 @@ def _decode_split_kernel(
     kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, SPLITS: tl.constexpr,
+    SLOT_DT: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -73,7 +74,7 @@ def _decode_split_kernel(
     ch = tl.arange(0, D)
     tok = tl.arange(0, G)
     q_off = (b * HQ + heads)[:, None] * D + ch[None, :]
-    q = tl.load(q_ptr + q_off, mask=hmask[:, None], other=0.0).to(sk_ptr.dtype.element_ty)
+    q = tl.load(q_ptr + q_off, mask=hmask[:, None], other=0.0).to(SLOT_DT)
     qr = tl.load(qr_ptr + q_off, mask=hmask[:, None], other=0.0)
 
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
@@ -86,8 +87,8 @@ def _decode_split_kernel(
             slot = tl.load(page_slot_ptr + page)
             valid = tok < tl.minimum(G, n - j * G)
             kv_off = slot * stride_ss + tok[:, None] * stride_sg + kvh * stride_sh + ch[None, :]
-            k = tl.load(sk_ptr + kv_off, mask=valid[:, None], other=0.0)
-            v = tl.load(sv_ptr + kv_off, mask=valid[:, None], other=0.0)
+            k = tl.load(sk_ptr + kv_off, mask=valid[:, None], other=0.0).to(SLOT_DT)
+            v = tl.load(sv_ptr + kv_off, mask=valid[:, None], other=0.0).to(SLOT_DT)
             s = tl.dot(q, tl.trans(k)) * qk_scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -218,6 +219,7 @@ def decode_attention(
         off["v_scale"], off["v_zero"], off["v_norm"],
         HQ=hq, G=config.page_size, D=d, GROUP=group, BLOCK_H=block_h,
         K_BITS=config.k_bits, V_BITS=config.v_bits, SPLITS=splits,
+        SLOT_DT=slot_operand_dtype(sk),
     )  # fmt: skip
     out = torch.empty(b, hq, d, dtype=torch.float32, device=q.device)
     _decode_merge_kernel[(b, hkv)](

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from kvarn_sglang.config import KVarNConfig
 from kvarn_sglang.kernels.decode import LOG2E, _unpack
-from kvarn_sglang.kernels.validate import INDEX_DTYPES, check_paged_inputs
+from kvarn_sglang.kernels.validate import INDEX_DTYPES, check_paged_inputs, slot_operand_dtype
 from kvarn_sglang.reference import PagedKVCache, hadamard_matrix
 
 
@@ -43,7 +43,7 @@ def _extend_kernel(
     qk_scale, sink_pages,
     kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, SLOT_DT: tl.constexpr,
 ):  # fmt: skip
     blk = tl.program_id(0)
     head = tl.program_id(1)
@@ -61,7 +61,7 @@ def _extend_kernel(
     q_valid = q_pos < tl.minimum(end, (j + 1) * G)
     q_rows = row0 + q_pos - pre
     q_off = (q_rows * HQ + head)[:, None] * D + ch[None, :]
-    q = tl.load(q_ptr + q_off, mask=q_valid[:, None], other=0.0).to(sk_ptr.dtype.element_ty)
+    q = tl.load(q_ptr + q_off, mask=q_valid[:, None], other=0.0).to(SLOT_DT)
     qr = tl.load(qr_ptr + q_off, mask=q_valid[:, None], other=0.0)
 
     m_i = tl.full((G,), float("-inf"), tl.float32)
@@ -74,8 +74,8 @@ def _extend_kernel(
         if jj < sink_pages:
             slot = tl.load(page_slot_ptr + page)
             kv_off = slot * stride_ss + tok[:, None] * stride_sg + kvh * stride_sh + ch[None, :]
-            k = tl.load(sk_ptr + kv_off)
-            v = tl.load(sv_ptr + kv_off)
+            k = tl.load(sk_ptr + kv_off).to(SLOT_DT)
+            v = tl.load(sv_ptr + kv_off).to(SLOT_DT)
             s = tl.dot(q, tl.trans(k)) * qk_scale
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
@@ -115,10 +115,12 @@ def _extend_kernel(
     slot = tl.load(page_slot_ptr + tl.load(table_ptr + b * stride_tb + j))
     s_off = slot * stride_ss + tok[:, None] * stride_sg + kvh * stride_sh + ch[None, :]
     n_off = (row0 + k_pos - pre)[:, None] * stride_nt + kvh * stride_nh + ch[None, :]
-    k = tl.load(sk_ptr + s_off, mask=from_slot[:, None], other=0.0)
-    k += tl.load(kn_ptr + n_off, mask=from_new[:, None], other=0.0).to(k.dtype)
-    v = tl.load(sv_ptr + s_off, mask=from_slot[:, None], other=0.0)
-    v += tl.load(vn_ptr + n_off, mask=from_new[:, None], other=0.0).to(v.dtype)
+    k = tl.load(sk_ptr + s_off, mask=from_slot[:, None], other=0.0).to(tl.float32)
+    k += tl.load(kn_ptr + n_off, mask=from_new[:, None], other=0.0).to(tl.float32)
+    v = tl.load(sv_ptr + s_off, mask=from_slot[:, None], other=0.0).to(tl.float32)
+    v += tl.load(vn_ptr + n_off, mask=from_new[:, None], other=0.0).to(tl.float32)
+    k = k.to(SLOT_DT)
+    v = v.to(SLOT_DT)
     s = tl.dot(q, tl.trans(k)) * qk_scale
     causal = (k_pos[None, :] <= q_pos[:, None]) & (from_slot | from_new)[None, :]
     s = tl.where(causal, s, float("-inf"))
@@ -210,5 +212,6 @@ def extend_attention(
         off["k_codes"], off["v_codes"], off["k_scale"], off["k_zero"], off["k_norm"],
         off["v_scale"], off["v_zero"], off["v_norm"],
         HQ=hq, G=g, D=d, GROUP=hq // hkv, K_BITS=config.k_bits, V_BITS=config.v_bits,
+        SLOT_DT=slot_operand_dtype(sk),
     )  # fmt: skip
     return out.to(q.dtype)

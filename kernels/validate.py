@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import triton.language as tl
 
 from kvarn_sglang.config import KVarNConfig
 from kvarn_sglang.reference import PagedKVCache
@@ -15,7 +16,7 @@ def _expect(name: str, x: torch.Tensor, shape: list, dtypes: tuple) -> None:
         want is None or got == want for got, want in zip(x.shape, shape, strict=True)
     )
     if not ok:
-        pretty = [s if s is not None else "*" for s in shape]
+        pretty = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"Invalid shape of {name}: expected {pretty}, got {list(x.shape)}")
     if x.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
@@ -55,3 +56,9 @@ def check_paged_inputs(
     if page_table.stride(1) != 1 or cache.page_slot.stride(0) != 1:
         raise ValueError("Invalid stride of page_table/page_slot: rows must be contiguous")
     return q.shape[0], q.shape[1], d, hkv
+
+
+def slot_operand_dtype(slot_k: torch.Tensor):
+    """Operand type of the fp16-page dot products: fp16 slots feed fp16 tensor cores; bf16
+    slots are widened to fp32 (exact), since a bf16 value may not fit in fp16."""
+    return tl.float16 if slot_k.dtype == torch.float16 else tl.float32

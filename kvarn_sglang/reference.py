@@ -51,19 +51,20 @@ SCALE_MIN = 1e-10
 
 
 # ----------------------------------------------------------------------------- rotation
-@lru_cache(maxsize=16)
-def _hadamard_cpu(d: int) -> torch.Tensor:
+@lru_cache(maxsize=32)
+def _hadamard(d: int, device: torch.device) -> torch.Tensor:
     h = torch.ones(1, 1)
     while h.shape[0] < d:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(d)
+    return (h / math.sqrt(d)).to(device)
 
 
 def hadamard_matrix(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Normalized Sylvester Hadamard matrix ``fp32 [d, d]``: symmetric, orthonormal, H @ H = I."""
+    """Normalized Sylvester Hadamard matrix ``fp32 [d, d]``: symmetric, orthonormal, H @ H = I.
+    Cached per device: treat the result as read-only."""
     if d <= 0 or d & (d - 1):
         raise ValueError(f"Unsupported head_dim {d}: the Hadamard rotation needs a power of two")
-    return _hadamard_cpu(d).to(device)
+    return _hadamard(d, torch.device(device))
 
 
 def rotate(x: torch.Tensor) -> torch.Tensor:

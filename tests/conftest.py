@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before the
+# kernel modules are imported (scripts/test.sh sets it too).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # One tolerance table per dtype for float comparisons (absolute, relative).
 TOLERANCE = {

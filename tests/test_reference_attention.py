@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from paged_helpers import build_cache, fp16, sequence
 
 from kvarn_sglang.config import get_preset
 from kvarn_sglang.reference import (
-    PagedKVCache,
     dequantize_pages,
     quantize_pages,
     ref_decode_attention,
@@ -24,60 +24,14 @@ def _config(d: int, sink: int, name: str = "k4v2_g64"):
     return get_preset(name, head_dim=d, sink_pages=sink)
 
 
-def _sequence(t: int, hq: int, hkv: int, d: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(t, hq, d, generator=gen)
-    k = torch.randn(t, hkv, d, generator=gen) * 2
-    v = torch.randn(t, hkv, d, generator=gen)
-    return q, k, v
-
-
-def build_cache(requests, config, seed: int = 0):
-    """A PagedKVCache holding several requests, pages at shuffled ids.
-
-    requests: list of (k [n, H, D], v, n_stored, fp16_pages) -- positions < n_stored are
-    stored; full non-sink pages are committed; pages in fp16_pages get an fp16 slot.
-    Returns (cache, page_table [B, max_pages]).
-    """
-    g, h, d = config.page_size, requests[0][0].shape[1], config.head_dim
-    counts = [-(-n // g) for _, _, n, _ in requests]
-    total = sum(counts) + 1
-    ids = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
-    packed = torch.zeros(total, h, config.page_bytes, dtype=torch.uint8)
-    slots = sum(len(s) for *_, s in requests)
-    slot_k = torch.zeros(slots, g, h, d, dtype=torch.float16)
-    slot_v = torch.zeros_like(slot_k)
-    page_slot = torch.full((total,), -1, dtype=torch.long)
-    table = torch.zeros(len(requests), max(counts), dtype=torch.long)
-    nxt, free_slot = 0, 0
-    for b, (k, v, n, fp16_pages) in enumerate(requests):
-        for j in range(counts[b]):
-            pid = int(ids[nxt])
-            nxt += 1
-            table[b, j] = pid
-            lo, hi = j * g, min(n, (j + 1) * g)
-            if hi - lo == g and j >= config.sink_pages:
-                packed[pid] = quantize_pages(k[lo:hi][None], v[lo:hi][None], config)[0]
-            if j in fp16_pages:
-                slot_k[free_slot, : hi - lo] = k[lo:hi].half()
-                slot_v[free_slot, : hi - lo] = v[lo:hi].half()
-                page_slot[pid] = free_slot
-                free_slot += 1
-    return PagedKVCache(packed, slot_k, slot_v, page_slot), table
-
-
-def _fp16(x):
-    return x.half().float()
-
-
 @pytest.mark.parametrize("sink", [0, 1])
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("n", LENGTHS)
 def test_decode_over_pages_equals_dense_attention_on_the_dequantized_cache(n, group, sink):
     d, hkv = 64, 2
     cfg = _config(d, sink)
-    q, k, v = _sequence(n, hkv * group, hkv, d, seed=n)
-    k, v = _fp16(k), _fp16(v)
+    q, k, v = sequence(n, hkv * group, hkv, d, seed=n)
+    k, v = fp16(k), fp16(v)
     own = (n - 1) // G
     cache, table = build_cache([(k, v, n, set(range(min(sink, own))) | {own})], cfg)
     out = ref_decode_attention(q[-1:], cache, table, torch.tensor([n]), cfg, d**-0.5)
@@ -102,8 +56,8 @@ def test_decode_over_pages_equals_dense_attention_on_the_dequantized_cache(n, gr
 def test_paged_decode_equals_the_dense_spec(n, d):
     cfg = _config(d, 1, "k2v4_g128" if d == 256 else "k4v2_g64")
     g = cfg.page_size
-    q, k, v = _sequence(max(n, g + 1), 4, 1, d, seed=d)
-    k, v = _fp16(k), _fp16(v)
+    q, k, v = sequence(max(n, g + 1), 4, 1, d, seed=d)
+    k, v = fp16(k), fp16(v)
     t = q.shape[0]
     dense = ref_decode_consistent_attention(q, k, v, cfg, d**-0.5)
     own = (t - 1) // g
@@ -119,8 +73,8 @@ def test_chunked_extend_equals_one_prefill_and_the_dense_spec(chunks, sink):
     d, hkv, group = 64, 2, 4
     cfg = _config(d, sink)
     n = sum(chunks)
-    q, k, v = _sequence(n, hkv * group, hkv, d, seed=len(chunks))
-    k, v = _fp16(k), _fp16(v)
+    q, k, v = sequence(n, hkv * group, hkv, d, seed=len(chunks))
+    k, v = fp16(k), fp16(v)
     dense = ref_decode_consistent_attention(q, k, v, cfg, d**-0.5)
     outs, pre = [], 0
     for c in chunks:
@@ -150,8 +104,8 @@ def test_batched_extend_and_decode_match_per_request_results():
     d, cfg = 64, _config(64, 1)
     reqs, qs, pres, exts = [], [], [], []
     for b, (pre, ext) in enumerate([(0, G + 5), (G, 3), (G + 7, G)]):
-        q, k, v = _sequence(pre + ext, 4, 2, d, seed=10 + b)
-        k, v = _fp16(k), _fp16(v)
+        q, k, v = sequence(pre + ext, 4, 2, d, seed=10 + b)
+        k, v = fp16(k), fp16(v)
         pages = {0} | ({pre // G} if pre % G else set())
         reqs.append((k, v, pre + ext, pages))
         qs.append(q)
@@ -175,7 +129,7 @@ def test_batched_extend_and_decode_match_per_request_results():
 
 def test_decode_rejects_an_own_page_without_fp16_slot():
     d, cfg = 64, _config(64, 1)
-    q, k, v = _sequence(2 * G, 2, 2, d, seed=1)
+    q, k, v = sequence(2 * G, 2, 2, d, seed=1)
     cache, table = build_cache([(k, v, 2 * G, {0})], cfg)  # own page 1 committed, no slot
     with pytest.raises(ValueError, match=r"Page \d+ must be read in fp16 but has no fp16 slot"):
         ref_decode_attention(q[-1:], cache, table, torch.tensor([2 * G]), cfg, d**-0.5)
