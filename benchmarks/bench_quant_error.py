@@ -4,28 +4,19 @@ Captures post-RoPE Q/K/V of SmolLM2-135M on WikiText-2 (../shared/data) and runs
 measurement as ``kvarn-sglang quant-error`` for KVarN and every baseline. Prints a markdown
 table; ``--output`` writes JSON with the device, versions, git commit and this command.
 
-    .venv/bin/python benchmarks/bench_quant_error.py \
+    .venv/bin/python -m benchmarks.bench_quant_error \
         --output benchmarks/results/quant_error_smollm2.json
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.common import ROOT, git_commit
 from kvarn_sglang.baselines import DEFAULT_METHODS
 from kvarn_sglang.cli import main as cli_main
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> int:
@@ -43,7 +34,7 @@ def main() -> int:
     cli_args += ["--methods", args.methods]
     if args.output:
         cli_args += ["--output", args.output]
-    command = " ".join(["python", "benchmarks/bench_quant_error.py", *sys.argv[1:]])
+    command = " ".join(["python -m benchmarks.bench_quant_error", *sys.argv[1:]])
     return cli_main(cli_args, extra_meta={"command": command, "git_commit": git_commit()})
 
 

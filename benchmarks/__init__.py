@@ -1,0 +1,1 @@
+"""Benchmarks: one script per question (run from the repository root)."""

@@ -1,0 +1,189 @@
+"""How fast is KVarN decode attention against fp16 and fp8 paged decode, per context and batch?
+
+For each context length, batch and GQA ratio (head_dim 128, 8 KV heads by default) it times
+
+* ``kvarn``: ``kernels/decode.py`` over packed pages (sink page and own page fp16);
+* ``fp16-paged``: the same kernel with every page read from fp16 slots (a paged fp16 decode
+  of identical structure);
+* ``sdpa``: torch SDPA on contiguous fp16 K/V, the no-paging ideal;
+* ``sglang-fp8``: SGLang's Triton ``decode_attention_fwd`` on fp8 e4m3 K/V, when sglang
+  imports (it does not on the device machine, which has no sglang);
+
+and prints microseconds, bytes read, effective GB/s, percent of HBM peak and speedup over
+fp16-paged. ``--smoke`` runs tiny shapes through the Triton interpreter on CPU (the test
+suite uses it so the script cannot rot); real numbers need a GPU:
+
+    python -m benchmarks.bench_decode --output benchmarks/results/decode_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+
+import torch
+
+from benchmarks.common import hbm_peak_gbs, result_header, time_fn, write_result
+from kvarn_sglang.config import get_preset
+from kvarn_sglang.kernels.decode import decode_attention
+from kvarn_sglang.reference import PagedKVCache
+
+
+def random_store(cfg, batch: int, ctx: int, hkv: int, device: str, all_fp16: bool):
+    """A paged store for ``batch`` requests of ``ctx`` tokens with random contents.
+
+    Packed records hold random codes and small positive fp16 metadata (timing does not
+    depend on values). Every request has its sink and own page in fp16 slots; with
+    ``all_fp16`` every page has a slot. Returns ``(cache, page_table, seq_lens, bytes_read)``.
+    """
+    g, d = cfg.page_size, cfg.head_dim
+    pages_per_req = -(-ctx // g)
+    total = batch * pages_per_req + 1
+    layout = cfg.layout
+    packed = torch.randint(
+        0, 256, (total, hkv, layout.page_bytes), dtype=torch.uint8, device=device
+    )
+    meta = packed.view(torch.float16)
+    for f in layout.fields:
+        if f.dtype == torch.float16:
+            lo, hi = f.offset // 2, (f.offset + f.nbytes) // 2
+            meta[..., lo:hi] = torch.rand(total, hkv, hi - lo, device=device).half() * 0.1 + 0.01
+    fp16_pages = pages_per_req if all_fp16 else min(2, pages_per_req)
+    slots = batch * fp16_pages
+    slot_k = torch.randn(slots, g, hkv, d, dtype=torch.float16, device=device)
+    slot_v = torch.randn_like(slot_k)
+    page_slot = torch.full((total,), -1, dtype=torch.int64, device=device)
+    table = torch.randperm(total - 1, device=device).view(batch, pages_per_req) + 1
+    fp16_idx = table[:, :fp16_pages] if all_fp16 else table[:, [0, pages_per_req - 1]]
+    page_slot[fp16_idx.reshape(-1)] = torch.arange(fp16_idx.numel(), device=device)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int64, device=device)
+    packed_pages = 0 if all_fp16 else max(0, pages_per_req - 2)
+    bytes_read = (
+        batch
+        * hkv
+        * (packed_pages * layout.page_bytes + (pages_per_req - packed_pages) * g * d * 2 * 2)
+    )
+    return PagedKVCache(packed, slot_k, slot_v, page_slot), table, seq_lens, bytes_read
+
+
+def sglang_decode(q: torch.Tensor, ctx: int, hkv: int, dtype: torch.dtype, args):
+    """Time SGLang's Triton ``decode_attention_fwd`` over token-paged K/V of ``dtype``
+    (fp16, or fp8 e4m3 with scales 1.0). Returns ``(us, bytes)`` or None without sglang."""
+    try:
+        from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
+    except Exception:  # sglang is absent or does not import here
+        return None
+    batch, hq, d = q.shape
+    dev = q.device
+    tokens = batch * ctx
+    k = torch.randn(tokens + 1, hkv, d, device=dev).to(dtype)
+    v = torch.randn(tokens + 1, hkv, d, device=dev).to(dtype)
+    order = torch.randperm(tokens, device=dev) + 1
+    indptr = torch.arange(0, tokens + 1, ctx, device=dev, dtype=torch.int32)
+    splits = 8 if ctx >= 4096 else 2
+    logits = torch.empty(batch, hq, splits, d, dtype=torch.float32, device=dev)
+    lse = torch.empty(batch, hq, splits, dtype=torch.float32, device=dev)
+    num_splits = torch.full((batch,), splits, dtype=torch.int32, device=dev)
+    o = torch.empty_like(q)
+
+    def run():
+        decode_attention_fwd(
+            q, k, v, o, indptr, order.to(torch.int64), logits, lse, num_splits, splits,
+            d**-0.5, 1.0, 1.0,
+        )  # fmt: skip
+
+    return time_fn(run, args), 2 * tokens * hkv * d * k.element_size()
+
+
+def bench_case(ctx: int, batch: int, group: int, args) -> dict:
+    dev, hkv, d = args.device, args.kv_heads, args.head_dim
+    cfg = get_preset(args.preset, head_dim=d)
+    q = torch.randn(batch, hkv * group, d, dtype=torch.float16, device=dev)
+    row = {"context": ctx, "batch": batch, "gqa": group}
+    for name, all_fp16 in (("kvarn", False), ("fp16-paged", True)):
+        cache, table, lens, nbytes = random_store(cfg, batch, ctx, hkv, dev, all_fp16)
+        fp16_cfg = get_preset(args.preset, head_dim=d, sink_pages=10**9) if all_fp16 else cfg
+        us = time_fn(partial(decode_attention, q, cache, table, lens, fp16_cfg, d**-0.5), args)
+        row[name] = {"us": us, "bytes": nbytes, "gbs": nbytes / us / 1e3}
+        del cache
+    if dev == "cuda":
+        k = torch.randn(batch, hkv, ctx, d, dtype=torch.float16, device=dev)
+        v = torch.randn_like(k)
+        qq = q.view(batch, hkv * group, 1, d)
+        kk, vv = (x.repeat_interleave(group, 1) for x in (k, v)) if group > 1 else (k, v)
+        us = time_fn(lambda: torch.nn.functional.scaled_dot_product_attention(qq, kk, vv), args)
+        nbytes = 2 * k.numel() * 2
+        row["sdpa"] = {"us": us, "bytes": nbytes, "gbs": nbytes / us / 1e3}
+    fp8 = torch.float8_e4m3fn if dev == "cuda" else torch.float16  # no fp8 in the interpreter
+    for name, dtype in (("sglang-fp16", torch.float16), ("sglang-fp8", fp8)):
+        timed = sglang_decode(q, ctx, hkv, dtype, args)
+        if timed is not None and (dev == "cuda" or name == "sglang-fp16"):
+            us, nbytes = timed
+            row[name] = {"us": us, "bytes": nbytes, "gbs": nbytes / us / 1e3}
+    peak = hbm_peak_gbs(dev)
+    for entry in row.values():
+        if isinstance(entry, dict) and peak:
+            entry["pct_hbm"] = 100 * entry["gbs"] / peak
+    row["speedup_vs_fp16_paged"] = row["fp16-paged"]["us"] / row["kvarn"]["us"]
+    if "sglang-fp8" in row:
+        row["speedup_vs_sglang_fp8"] = row["sglang-fp8"]["us"] / row["kvarn"]["us"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--contexts", default="1024,4096,16384,32768,65536,131072")
+    parser.add_argument("--batches", default="1,8,32,128")
+    parser.add_argument("--gqa", default="8,4")
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--preset", default="k4v2_g128")
+    parser.add_argument("--max-fp16-gib", type=float, default=16.0, help="skip larger cases")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter)")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.contexts, args.batches, args.gqa, args.kv_heads = "300", "2", "4", 1
+        args.warmup, args.iters = 0, 1
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cpu" and not args.smoke:
+        print("bench_decode needs a GPU (use --smoke for a CPU check)", file=sys.stderr)
+        return 1
+    rows = []
+    for ctx in map(int, args.contexts.split(",")):
+        for batch in map(int, args.batches.split(",")):
+            for group in map(int, args.gqa.split(",")):
+                fp16_gib = batch * ctx * args.kv_heads * args.head_dim * 4 / 2**30
+                if fp16_gib > args.max_fp16_gib:
+                    continue
+                rows.append(bench_case(ctx, batch, group, args))
+                print_row(rows[-1])
+    write_result(args.output, result_header(argv, args.device), {"rows": rows})
+    return 0
+
+
+def print_row(r: dict) -> None:
+    if not hasattr(print_row, "header"):
+        print(
+            "| ctx | batch | gqa | kvarn us | fp16-paged us | sglang fp16 us | sglang fp8 us "
+            "| sdpa us | kvarn GB/s | kvarn %HBM | vs fp16-paged |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print_row.header = True
+    sdpa, sgl16, sgl8 = (
+        f"{r[n]['us']:.1f}" if n in r else "-" for n in ("sdpa", "sglang-fp16", "sglang-fp8")
+    )
+    pct = f"{r['kvarn'].get('pct_hbm', 0):.0f}" if "pct_hbm" in r["kvarn"] else "-"
+    print(
+        f"| {r['context']} | {r['batch']} | {r['gqa']} | {r['kvarn']['us']:.1f} "
+        f"| {r['fp16-paged']['us']:.1f} | {sgl16} | {sgl8} | {sdpa} "
+        f"| {r['kvarn']['gbs']:.0f} | {pct} "
+        f"| {r['speedup_vs_fp16_paged']:.2f}x |"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
