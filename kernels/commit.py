@@ -161,6 +161,8 @@ def commit_pages(
             store); allocated with ``num_records = num_pages`` when None.
         out_index: ``int64 [num_pages]`` record row of each page; ``arange`` when None.
         check_finite: raise ``ValueError`` on NaN/Inf before writing anything (one host sync).
+            Unlike the reference, the kernel does not check that a tile fits the fp16
+            metadata range (finite bf16 values beyond about 1e9 would store Inf scales).
     Returns:
         ``out``.
     """

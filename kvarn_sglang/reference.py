@@ -33,16 +33,9 @@ from functools import lru_cache
 import torch
 
 from kvarn_sglang.config import KVarNConfig
-from kvarn_sglang.layout import (
-    PageLayout,
-    TileCodes,
-    decode_tiles,
-    encode_tiles,
-    pack_codes,
-    unpack_codes,
-)
-
-__all__ = ["pack_codes", "unpack_codes"]  # re-exported: bit packing is part of the spec
+from kvarn_sglang.layout import PageLayout, TileCodes, decode_tiles, encode_tiles
+from kvarn_sglang.layout import pack_codes as pack_codes  # re-exported: packing is spec
+from kvarn_sglang.layout import unpack_codes as unpack_codes
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG_MIN, LOG_MAX = -0.3, 10.0
