@@ -1,0 +1,187 @@
+"""A scheduler-shaped driver of SGLang's real memory classes with the KVarN pool and backend.
+
+``SimServer`` owns SGLang's ``ReqToTokenPool``, ``RadixCache`` and our
+``KVarNPagedAllocator``/``KVarNTokenToKVPool``/``KVarNAttnBackend``, and runs requests the
+way the scheduler does: match the prefix in the tree, allocate, extend in chunks, decode,
+insert into the tree, free. The "model" gives every (layer, token, position) a fixed Q/K/V,
+so the dense spec (``ref_decode_consistent_attention``) says what every output must be.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+
+from kvarn_sglang.backend import KVarNAttnBackend
+from kvarn_sglang.config import KVarNConfig
+from kvarn_sglang.pool import KVarNPagedAllocator, KVarNTokenToKVPool
+from kvarn_sglang.reference import ref_decode_consistent_attention
+
+
+class _Mode:
+    def __init__(self, decode: bool) -> None:
+        self.decode = decode
+
+    def is_decode(self) -> bool:
+        return self.decode
+
+
+@dataclass
+class SimRequest:
+    tokens: list[int]
+    row: int
+    cached_len: int
+    node: object
+    kv_len: int
+    outputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # position -> per layer
+
+
+class SimServer:
+    def __init__(self, cfg: KVarNConfig, *, num_pages=48, num_slots=32, layers=2, hkv=2, group=2):
+        g, d = cfg.page_size, cfg.head_dim
+        self.cfg, self.g, self.d, self.hkv, self.hq = cfg, g, d, hkv, hkv * group
+        self.req_pool = ReqToTokenPool(
+            size=16, max_context_len=16 * g, device="cpu", enable_memory_saver=False
+        )
+        size = num_pages * g
+        self.pool = KVarNTokenToKVPool(
+            size, g, torch.float16, hkv, d, layers, "cpu", False,
+            kvarn_config=cfg, num_slots=num_slots,
+        )  # fmt: skip
+        self.alloc = KVarNPagedAllocator(
+            size, g, torch.float16, "cpu", kvcache=self.pool, need_sort=False
+        )
+        self.tree = RadixCache(
+            CacheInitParams(
+                disable=False, req_to_token_pool=self.req_pool,
+                token_to_kv_pool_allocator=self.alloc, page_size=g,
+            )
+        )  # fmt: skip
+        runner = SimpleNamespace(token_to_kv_pool=self.pool, req_to_token_pool=self.req_pool)
+        self.backend = KVarNAttnBackend(runner)
+        self.layers = [
+            SimpleNamespace(
+                layer_id=i, tp_q_head_num=self.hq, tp_k_head_num=hkv, qk_head_dim=d,
+                scaling=d**-0.5,
+            )
+            for i in range(layers)
+        ]  # fmt: skip
+        gen = torch.Generator().manual_seed(0)
+        self.tok_emb = torch.randn(layers, 64, 3, self.hq, d, generator=gen)
+        self.pos_emb = torch.randn(layers, 16 * g, 3, self.hq, d, generator=gen) * 0.5
+
+    # ------------------------------------------------------------------ the "model"
+    def qkv(self, layer: int, tokens: list[int], start: int):
+        """q ``[T, Hq, D]``, k, v ``[T, Hkv, D]`` (fp16 values) of tokens at start.."""
+        t = torch.tensor(tokens) % self.tok_emb.shape[1]
+        x = self.tok_emb[layer, t] + self.pos_emb[layer, start : start + len(tokens)]
+        x = x.half().float()
+        return x[:, 0], x[:, 1, : self.hkv] * 2, x[:, 2, : self.hkv]
+
+    def expected(self, tokens: list[int], layer: int) -> torch.Tensor:
+        q, k, v = self.qkv(layer, tokens, 0)
+        return ref_decode_consistent_attention(q, k, v, self.cfg, self.d**-0.5)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, tokens: list[int]) -> SimRequest | None:
+        m = self.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens))))
+        cached = m.device_prefix_len
+        if cached >= len(tokens):  # keep at least one token to compute
+            cached = (len(tokens) - 1) // self.g * self.g
+        rows = self.req_pool.alloc_rows(1)
+        if rows is None:
+            return None
+        self.tree.inc_lock_ref(m.last_device_node)
+        idx = self.tree.path_device_indices(m.last_device_node)[:cached]
+        self.req_pool.write((rows[0], slice(0, cached)), idx.to(torch.int32))
+        return SimRequest(tokens, rows[0], cached, m.last_device_node, cached)
+
+    def _alloc(self, fn, *args):
+        out = fn(*args)
+        if out is None:
+            self.tree.evict(EvictParams(num_tokens=4 * self.g))
+            out = fn(*args)
+        return out
+
+    def extend(self, reqs: list[SimRequest], counts: list[int]) -> bool:
+        """One extend pass over ``reqs``, ``counts[i]`` new tokens each. False if out of KV."""
+        pre = [r.kv_len for r in reqs]
+        seq = [p + c for p, c in zip(pre, counts, strict=True)]
+        last = [
+            int(self.req_pool.req_to_token[r.row, p - 1]) if p else -1
+            for r, p in zip(reqs, pre, strict=True)
+        ]
+        loc = self._alloc(
+            self.alloc.alloc_extend, torch.tensor(pre), torch.tensor(pre), torch.tensor(seq),
+            torch.tensor(seq), torch.tensor(last), sum(counts),
+        )  # fmt: skip
+        if loc is None:
+            return False
+        start = 0
+        for r, p, s in zip(reqs, pre, seq, strict=True):
+            self.req_pool.write((r.row, slice(p, s)), loc[start : start + s - p].to(torch.int32))
+            start += s - p
+        self._forward(reqs, pre, seq, loc, decode=False)
+        return True
+
+    def decode(self, reqs: list[SimRequest]) -> bool:
+        seq = [r.kv_len + 1 for r in reqs]
+        last = torch.tensor([int(self.req_pool.req_to_token[r.row, r.kv_len - 1]) for r in reqs])
+        loc = self._alloc(self.alloc.alloc_decode, torch.tensor(seq), torch.tensor(seq), last)
+        if loc is None:
+            return False
+        for r, s, slot in zip(reqs, seq, loc.tolist(), strict=True):
+            self.req_pool.req_to_token[r.row, s - 1] = slot
+        self._forward(reqs, [s - 1 for s in seq], seq, loc, decode=True)
+        return True
+
+    def _forward(self, reqs, pre, seq, loc, decode: bool) -> None:
+        fb = SimpleNamespace(
+            forward_mode=_Mode(decode), seq_lens_cpu=torch.tensor(seq), extend_prefix_lens_cpu=pre,
+            req_pool_indices=torch.tensor([r.row for r in reqs]), out_cache_loc=loc,
+        )  # fmt: skip
+        self.backend.init_forward_metadata(fb)
+        for layer in self.layers:
+            parts = [
+                self.qkv(layer.layer_id, r.tokens[p:s], p)
+                for r, p, s in zip(reqs, pre, seq, strict=True)
+            ]
+            q, k, v = (torch.cat([x[i] for x in parts]) for i in range(3))
+            fwd = self.backend.forward_decode if decode else self.backend.forward_extend
+            out = fwd(q.reshape(len(q), -1), k, v, layer, fb).view(-1, self.hq, self.d)
+            start = 0
+            for r, p, s in zip(reqs, pre, seq, strict=True):
+                for i in range(s - p):
+                    r.outputs.setdefault(p + i, []).append(out[start + i].float())
+                start += s - p
+        for r, s in zip(reqs, seq, strict=True):
+            r.kv_len = s
+
+    def finish(self, r: SimRequest) -> None:
+        """Insert the request's full pages into the tree and free the rest."""
+        idx = self.req_pool.req_to_token[r.row, : r.kv_len].long().clone()
+        aligned = r.kv_len // self.g * self.g
+        res = self.tree.insert(
+            InsertParams(key=RadixKey(array("q", r.tokens[:aligned])), value=idx[:aligned].clone())
+        )
+        if res.prefix_len > r.cached_len:  # pages the tree already had: ours are duplicates
+            self.alloc.free(idx[r.cached_len : res.prefix_len])
+        if r.kv_len > aligned:
+            self.alloc.free(idx[aligned:])
+        self.tree.dec_lock_ref(r.node)
+        self.req_pool.free_rows([r.row])
+
+    def abort(self, r: SimRequest) -> None:
+        """Drop a request without caching anything it computed."""
+        idx = self.req_pool.req_to_token[r.row, r.cached_len : r.kv_len].long()
+        if len(idx):
+            self.alloc.free(idx)
+        self.tree.dec_lock_ref(r.node)
+        self.req_pool.free_rows([r.row])

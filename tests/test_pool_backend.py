@@ -1,0 +1,158 @@
+"""KVarN pool, allocator and backend driven through SGLang's real classes (CPU, reference path)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+from sglang_harness import SimServer
+
+from kvarn_sglang.config import KVarNConfig
+
+G = 64
+CFG = KVarNConfig(k_bits=4, v_bits=2, page_size=G, head_dim=64, sink_pages=1)
+
+
+def _check_outputs(server: SimServer, req) -> None:
+    for layer in range(len(server.layers)):
+        want = server.expected(req.tokens[: req.kv_len], layer)
+        for pos, outs in req.outputs.items():
+            torch.testing.assert_close(outs[layer], want[pos], atol=2e-3, rtol=2e-3)
+
+
+def test_cold_request_in_chunks_and_decode_matches_the_dense_spec():
+    server = SimServer(CFG)
+    tokens = [random.Random(0).randrange(64) for _ in range(2 * G + 12)]
+    req = server.start(tokens)
+    for n in (G - 1, G + 3, 3):
+        assert server.extend([req], [n])
+    for _ in range(5):  # crosses into the third page
+        assert server.decode([req])
+    assert req.kv_len == 2 * G + 10
+    _check_outputs(server, req)
+    store = server.pool.store
+    pages = server.req_pool.req_to_token[req.row, : req.kv_len : G].long() // G
+    assert store.commits[pages].tolist() == [0, 1, 0]  # sink fp16, page 1 packed, tail fp16
+    assert (store.page_slot[pages] >= 0).tolist() == [True, False, True]
+
+
+def test_prefix_hit_computes_what_a_miss_computes_and_quantizes_shared_pages_once():
+    server = SimServer(CFG)
+    rng = random.Random(1)
+    prompt = [rng.randrange(64) for _ in range(3 * G + 5)]
+    a = server.start(prompt)
+    assert server.extend([a], [len(prompt)])
+    server.finish(a)
+    shared = server.req_pool.req_to_token  # rows are reused: read pages from the tree instead
+    b_tokens = prompt[: 2 * G + 10] + [rng.randrange(64) for _ in range(40)]
+    b = server.start(b_tokens)
+    assert b.cached_len == 2 * G
+    assert server.extend([b], [len(b_tokens) - b.cached_len])
+    b.tokens.append(7)
+    assert server.decode([b])
+    _check_outputs(server, b)
+    pages = shared[b.row, : 3 * G : G].long() // G
+    store = server.pool.store
+    assert store.commits[pages].tolist() == [0, 1, 0]  # page 2 is b's own (diverged), not yet full
+    server.finish(b)
+
+
+def test_batched_extend_and_decode_of_requests_sharing_a_prefix():
+    server = SimServer(CFG)
+    rng = random.Random(2)
+    base = [rng.randrange(64) for _ in range(G + 20)]
+    first = server.start(base)
+    assert server.extend([first], [len(base)])
+    server.finish(first)
+    reqs = [server.start(base + [rng.randrange(64) for _ in range(G)]) for _ in range(3)]
+    assert all(r.cached_len == G for r in reqs)
+    assert server.extend(reqs, [len(r.tokens) - G for r in reqs])
+    for r in reqs:
+        r.tokens += [rng.randrange(64) for _ in range(3)]
+    for _ in range(3):
+        assert server.decode(reqs)
+    for r in reqs:
+        _check_outputs(server, r)
+        server.finish(r)
+
+
+def _assert_accounting(server: SimServer, running) -> None:
+    """Every page is free, in the tree or owned by exactly one running request; fp16 slots are
+    held only by sink pages and running requests' last pages; tree pages past the sink were
+    quantized exactly once."""
+    free = server.alloc.free_pages.tolist()
+    tree = server.tree.all_values_flatten().long() if server.tree.total_size() else None
+    tree_pages = set() if tree is None else set((tree // G).tolist())
+    owned = []
+    for r in running:
+        row = server.req_pool.req_to_token[r.row, r.cached_len : r.kv_len].long()
+        owned += sorted(set((row // G).tolist()))
+    every = free + sorted(tree_pages) + owned
+    assert sorted(every) == list(range(1, server.alloc.num_pages + 1)), "page leaked or shared"
+    sinks = {int(child.value[0]) // G for child in server.tree.root_node.children.values()}
+    allowed = set(sinks)
+    for r in running:
+        pages = (server.req_pool.req_to_token[r.row, : r.kv_len : G].long() // G).tolist()
+        allowed |= set(pages[: CFG.sink_pages]) | set(pages[-1:])
+    store = server.pool.store
+    holders = set((store.page_slot >= 0).nonzero().flatten().tolist())
+    assert holders <= allowed, f"slots held by {sorted(holders - allowed)}"
+    assert store.free_slots + len(holders) == store.num_slots
+    for page in tree_pages - sinks:
+        assert store.commits[page] == 1, f"tree page {page} quantized {int(store.commits[page])}x"
+    for page in sinks:
+        assert store.commits[page] == 0 and store.page_slot[page] >= 0
+
+
+def test_random_operations_leave_no_leak_and_stay_exact():
+    server = SimServer(CFG, num_pages=40, num_slots=40)
+    rng = random.Random(3)
+    prefixes = [[rng.randrange(64) for _ in range(rng.randrange(G, 3 * G))] for _ in range(3)]
+    running = []
+    ops = 0
+    while ops < 2000:
+        ops += 1
+        op = rng.random()
+        if op < 0.2 and len(running) < 4:
+            tokens = rng.choice(prefixes)[: rng.randrange(1, 3 * G)] + [
+                rng.randrange(64) for _ in range(rng.randrange(1, G))
+            ]
+            req = server.start(tokens)
+            if req is not None:
+                running.append(req)
+        elif op < 0.45 and running:
+            r = rng.choice(running)
+            left = len(r.tokens) - r.kv_len
+            if left > 0 and not server.extend([r], [rng.randrange(1, left + 1)]):
+                server.abort(r)
+                running.remove(r)
+        elif op < 0.8 and running:
+            batch = [r for r in running if r.kv_len > 0 and r.kv_len >= len(r.tokens)]
+            for r in batch:
+                r.tokens.append(rng.randrange(64))
+            if batch and not server.decode(batch):
+                for r in batch:
+                    r.tokens.pop()
+        elif op < 0.95 and running:
+            r = running.pop(rng.randrange(len(running)))
+            if r.kv_len:
+                if ops % 20 == 0:
+                    _check_outputs(server, r)
+                server.finish(r)
+            else:
+                server.abort(r)
+        else:
+            server.tree.evict(EvictParams(num_tokens=rng.randrange(1, 4) * G))
+        _assert_accounting(server, running)
+    for r in running:
+        server.finish(r)
+    server.tree.evict(EvictParams(num_tokens=10**6))
+    assert server.alloc.available_size() == 40 * G
+    assert server.pool.store.free_slots == server.pool.store.num_slots
+    assert (server.pool.store.page_slot == -1).all()
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])
