@@ -24,15 +24,9 @@ import torch
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
+from kvarn_sglang.capacity import default_num_slots
 from kvarn_sglang.config import KVarNConfig, get_preset
 from kvarn_sglang.page_store import PageStore
-
-
-def default_num_slots(max_running_requests: int, sink_pages: int) -> int:
-    """fp16 slots for a number of running requests: each holds its sink pages, its filling
-    page and, for one forward pass, a page it just completed; plus the same again as
-    headroom for sink pages kept by cached prefixes."""
-    return 2 * max_running_requests * (sink_pages + 2)
 
 
 class KVarNTokenToKVPool(MHATokenToKVPool):

@@ -1,0 +1,22 @@
+"""Hook on ``sglang.srt.mem_cache.kv_cache_dtype.configure_kv_cache_dtype`` (sglang==0.5.23).
+
+SGLang rejects unknown ``--kv-cache-dtype`` strings here. For ``kvarn`` it returns the
+string itself and the dtype of the fp16 slot pool and attention inputs: the model's dtype
+when it is fp16 or bf16, else fp16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvarn_sglang.settings import KV_CACHE_CHOICE
+
+CONFIGURE_KV_CACHE_DTYPE = "sglang.srt.mem_cache.kv_cache_dtype.configure_kv_cache_dtype"
+
+
+def around_configure_kv_cache_dtype(original, **kwargs):
+    if kwargs.get("server_args_kv_cache_dtype") != KV_CACHE_CHOICE:
+        return original(**kwargs)
+    model_dtype = kwargs.get("model_dtype")
+    dtype = model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    return KV_CACHE_CHOICE, dtype

@@ -1,0 +1,33 @@
+"""Hooks on ``sglang.srt.platforms.interface.SRTPlatform`` (sglang==0.5.23): with
+``--kv-cache kvarn`` the KV pool class is ``KVarNTokenToKVPool`` and the paged allocator is
+``KVarNPagedAllocator`` (which releases fp16 slots of freed pages)."""
+
+from __future__ import annotations
+
+from kvarn_sglang.settings import active_settings
+
+GET_KV_POOL_CLS = "sglang.srt.platforms.interface.SRTPlatform.get_kv_pool_cls"
+GET_PAGED_ALLOCATOR_CLS = "sglang.srt.platforms.interface.SRTPlatform.get_paged_allocator_cls"
+
+
+def after_get_kv_pool_cls(result, self, *args, **kwargs):
+    settings = active_settings()
+    kind = kwargs.get("kind", args[0] if args else None)
+    if settings is None:
+        return result
+    if kind != "mha":
+        raise ValueError(f"--kv-cache kvarn supports MHA pools only (SGLang asked for {kind})")
+    from kvarn_sglang.pool import KVarNTokenToKVPool
+
+    KVarNTokenToKVPool.default_preset = settings.preset
+    KVarNTokenToKVPool.default_sink_pages = settings.sink_pages
+    KVarNTokenToKVPool.default_num_slots = settings.num_slots
+    return KVarNTokenToKVPool
+
+
+def after_get_paged_allocator_cls(result, self, *args, **kwargs):
+    if active_settings() is None:
+        return result
+    from kvarn_sglang.pool import KVarNPagedAllocator
+
+    return KVarNPagedAllocator
