@@ -1,5 +1,7 @@
 """Hooks that change SGLang's behaviour (installed as ``kvarn_sglang.patches``).
 
-One module per SGLang component hooked, each naming its exact upstream target (dotted path)
-and the pinned version, sglang==0.5.23. They land with the SGLang integration issue.
+One module per SGLang component hooked, each naming its exact dotted target in the pinned
+sglang==0.5.23: ``server_args``, ``kv_cache_dtype``, ``pool_configurator``, ``platform``,
+``models_utils`` and ``attention_registry``. ``kvarn_sglang.plugin.register`` installs them.
+Every hook is inert unless the server runs with ``--kv-cache kvarn``.
 """
