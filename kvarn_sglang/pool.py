@@ -24,22 +24,18 @@ import torch
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
-from kvarn_sglang.capacity import default_num_slots
-from kvarn_sglang.config import KVarNConfig, get_preset
+from kvarn_sglang.config import KVarNConfig
 from kvarn_sglang.page_store import PageStore
+from kvarn_sglang.settings import KVarNSettings, active_settings
 
 
 class KVarNTokenToKVPool(MHATokenToKVPool):
     """An ``MHATokenToKVPool`` whose pages are stored KVarN-packed (see the module docstring).
 
-    Takes SGLang's constructor arguments plus ``kvarn_config`` (default: the ``k4v2_g128``
-    preset at the model's head_dim) and ``num_slots`` (default: ``default_num_slots`` for
-    ``max_running_requests``). The plugin sets the class defaults from the server flags.
+    Takes SGLang's constructor arguments; the KVarN config and the number of fp16 slots come
+    from the server's ``--kvarn-*`` flags (``kvarn_sglang.settings``), or from the
+    ``kvarn_config`` / ``num_slots`` keywords (tests, offline use).
     """
-
-    default_preset: str = "k4v2_g128"
-    default_sink_pages: int = 1
-    default_max_running_requests: int = 64
 
     def __init__(
         self,
@@ -56,9 +52,8 @@ class KVarNTokenToKVPool(MHATokenToKVPool):
         num_slots: int | None = None,
         **kwargs,
     ) -> None:
-        cfg = kvarn_config or get_preset(
-            self.default_preset, head_dim=head_dim, sink_pages=self.default_sink_pages
-        )
+        settings = active_settings() or KVarNSettings()
+        cfg = kvarn_config or settings.config(head_dim)
         if cfg.head_dim != head_dim or kwargs.get("v_head_dim", head_dim) not in (None, head_dim):
             raise ValueError(
                 f"Unsupported head_dim {head_dim}/{kwargs.get('v_head_dim')}: KVarN needs equal "
@@ -70,9 +65,7 @@ class KVarNTokenToKVPool(MHATokenToKVPool):
                 f"{cfg.page_size}"
             )
         self.kvarn_config = cfg
-        self._num_slots = num_slots or default_num_slots(
-            self.default_max_running_requests, cfg.sink_pages
-        )
+        self._num_slots = num_slots or settings.num_slots
         super().__init__(
             size, page_size, dtype, head_num, head_dim, layer_num, device, enable_memory_saver,
             *args, **kwargs,

@@ -19,9 +19,6 @@ def after_get_kv_pool_cls(result, self, *args, **kwargs):
         raise ValueError(f"--kv-cache kvarn supports MHA pools only (SGLang asked for {kind})")
     from kvarn_sglang.pool import KVarNTokenToKVPool
 
-    KVarNTokenToKVPool.default_preset = settings.preset
-    KVarNTokenToKVPool.default_sink_pages = settings.sink_pages
-    KVarNTokenToKVPool.default_num_slots = settings.num_slots
     return KVarNTokenToKVPool
 
 

@@ -143,7 +143,6 @@ def kvarn_active(monkeypatch):
 
 def test_hooks_choose_kvarn_classes_and_turn_fused_kv_writes_off(kvarn_active):
     assert platform.after_get_kv_pool_cls(None, None, kind="mha") is KVarNTokenToKVPool
-    assert KVarNTokenToKVPool.default_num_slots == kvarn_active.num_slots
     assert platform.after_get_paged_allocator_cls(None, None) is KVarNPagedAllocator
     with pytest.raises(ValueError, match="MHA pools only"):
         platform.after_get_kv_pool_cls(None, None, kind="mla")
@@ -159,6 +158,19 @@ def test_hooks_are_inert_without_kvarn(monkeypatch):
         lambda **kw: ("auto", torch.bfloat16), server_args_kv_cache_dtype="auto"
     )
     assert dtype == ("auto", torch.bfloat16)
+
+
+def test_pool_takes_its_config_and_slots_from_the_server_flags(kvarn_active, monkeypatch):
+    from kvarn_sglang import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "active_settings", lambda: kvarn_active)
+    pool = KVarNTokenToKVPool(128 * 2, 128, torch.float16, 1, 128, 1, "cpu", False)
+    assert pool.kvarn_config.name == "k4v2_g128" and pool.kvarn_config.sink_pages == 1
+    assert pool.store.num_slots == kvarn_active.num_slots == 64 * 2 + 8
+    with pytest.raises(ValueError, match="preset k4v2_g128 needs --page-size 128"):
+        KVarNTokenToKVPool(64 * 2, 64, torch.float16, 1, 128, 1, "cpu", False)
+    with pytest.raises(ValueError, match="Unsupported head_dim 128/64"):
+        KVarNTokenToKVPool(128 * 2, 128, torch.float16, 1, 128, 1, "cpu", False, v_head_dim=64)
 
 
 def test_kv_dtype_and_capacity_hooks_count_real_bytes(kvarn_active):
