@@ -27,22 +27,11 @@ import triton
 import triton.language as tl
 
 from kvarn_sglang.config import KVarNConfig
+from kvarn_sglang.kernels.page_tiles import fp16_page_step, packed_page_step, record_offsets
 from kvarn_sglang.kernels.validate import check_paged_inputs, slot_operand_dtype
 from kvarn_sglang.reference import PagedKVCache, hadamard_matrix
 
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _unpack(ptr, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr):
-    """Load packed codes of an [R, C] tile (rows packed along C) as fp16 [R, C]."""
-    PER: tl.constexpr = 8 // BITS
-    rows = tl.arange(0, R)
-    cols = tl.arange(0, C // PER)
-    raw = tl.load(ptr + rows[:, None] * (C // PER) + cols[None, :]).to(tl.int32)
-    shifts = tl.arange(0, PER) * BITS
-    codes = (raw[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(codes, (R, C)).to(tl.float16)
 
 
 @triton.jit
@@ -89,38 +78,15 @@ def _decode_split_kernel(
             kv_off = slot * stride_ss + tok[:, None] * stride_sg + kvh * stride_sh + ch[None, :]
             k = tl.load(sk_ptr + kv_off, mask=valid[:, None], other=0.0).to(SLOT_DT)
             v = tl.load(sv_ptr + kv_off, mask=valid[:, None], other=0.0).to(SLOT_DT)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc_p = acc_p * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            acc_r = acc_r * alpha[:, None]
-            m_i = m_new
+            m_i, l_i, acc_r, acc_p = fp16_page_step(
+                q, k, v, valid[None, :], m_i, l_i, acc_r, acc_p, qk_scale
+            )
         else:
-            rec = page * stride_pp + kvh * stride_ph
-            rec16 = rec // 2
-            k_scale = tl.load(pk_f16_ptr + rec16 + ks_off // 2 + ch).to(tl.float32)
-            k_zero = tl.load(pk_f16_ptr + rec16 + kz_off // 2 + ch).to(tl.float32)
-            k_norm = tl.load(pk_f16_ptr + rec16 + kn_off // 2 + tok).to(tl.float32)
-            k_codes = _unpack(pk_u8_ptr + rec + kc_off, D, G, K_BITS)  # [D, G]
-            qs = (qr * k_scale[None, :]).to(tl.float16)
-            s = tl.dot(qs, k_codes) + tl.sum(qr * k_zero[None, :], axis=1)[:, None]
-            s = s * k_norm[None, :] * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_scale = tl.load(pk_f16_ptr + rec16 + vs_off // 2 + tok).to(tl.float32)
-            v_zero = tl.load(pk_f16_ptr + rec16 + vz_off // 2 + tok).to(tl.float32)
-            v_norm = tl.load(pk_f16_ptr + rec16 + vn_off // 2 + ch).to(tl.float32)
-            v_codes = _unpack(pk_u8_ptr + rec + vc_off, G, D, V_BITS)  # [G, D]
-            ps = (p * v_scale[None, :]).to(tl.float16)
-            pv = tl.dot(ps, v_codes) + tl.sum(p * v_zero[None, :], axis=1)[:, None]
-            acc_r = acc_r * alpha[:, None] + pv * v_norm[None, :]
-            acc_p = acc_p * alpha[:, None]
-            m_i = m_new
+            m_i, l_i, acc_r, acc_p = packed_page_step(
+                qr, pk_u8_ptr, pk_f16_ptr, page * stride_pp + kvh * stride_ph,
+                kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
+                m_i, l_i, acc_r, acc_p, qk_scale, G, D, K_BITS, V_BITS,
+            )  # fmt: skip
 
     mid = (b * HQ + heads) * SPLITS + split
     tl.store(mid_m_ptr + mid, m_i, mask=hmask)
@@ -206,8 +172,6 @@ def decode_attention(
     mid_l = torch.empty_like(mid_m)
     mid_ar = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
     mid_ap = torch.empty_like(mid_ar)
-    layout = config.layout
-    off = {f.name: f.offset for f in layout.fields}
     packed, sk, sv = cache.packed, cache.slot_k, cache.slot_v
     _decode_split_kernel[(b, hkv, splits)](
         qf, qr, packed, packed.view(torch.float16), packed.stride(0), packed.stride(1),
@@ -215,8 +179,7 @@ def decode_attention(
         cache.page_slot, page_table, page_table.stride(0), seq_lens,
         mid_m, mid_l, mid_ar, mid_ap,
         sm_scale * LOG2E, config.sink_pages,
-        off["k_codes"], off["v_codes"], off["k_scale"], off["k_zero"], off["k_norm"],
-        off["v_scale"], off["v_zero"], off["v_norm"],
+        *record_offsets(config.layout),
         HQ=hq, G=config.page_size, D=d, GROUP=group, BLOCK_H=block_h,
         K_BITS=config.k_bits, V_BITS=config.v_bits, SPLITS=splits,
         SLOT_DT=slot_operand_dtype(sk),

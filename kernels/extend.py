@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from kvarn_sglang.config import KVarNConfig
-from kvarn_sglang.kernels.decode import LOG2E, _unpack
+from kvarn_sglang.kernels.decode import LOG2E
+from kvarn_sglang.kernels.page_tiles import fp16_page_step, packed_page_step, record_offsets
 from kvarn_sglang.kernels.validate import INDEX_DTYPES, check_paged_inputs, slot_operand_dtype
 from kvarn_sglang.reference import PagedKVCache, hadamard_matrix
 
@@ -69,6 +70,7 @@ def _extend_kernel(
     acc_r = tl.zeros((G, D), tl.float32)
     acc_p = tl.zeros((G, D), tl.float32)
     tok = tl.arange(0, G)
+    every = (tok < G)[None, :]
     for jj in range(0, j):
         page = tl.load(table_ptr + b * stride_tb + jj)
         if jj < sink_pages:
@@ -76,37 +78,15 @@ def _extend_kernel(
             kv_off = slot * stride_ss + tok[:, None] * stride_sg + kvh * stride_sh + ch[None, :]
             k = tl.load(sk_ptr + kv_off).to(SLOT_DT)
             v = tl.load(sv_ptr + kv_off).to(SLOT_DT)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc_p = acc_p * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            acc_r = acc_r * alpha[:, None]
-            m_i = m_new
+            m_i, l_i, acc_r, acc_p = fp16_page_step(
+                q, k, v, every, m_i, l_i, acc_r, acc_p, qk_scale
+            )
         else:
-            rec = page * stride_pp + kvh * stride_ph
-            rec16 = rec // 2
-            k_scale = tl.load(pk_f16_ptr + rec16 + ks_off // 2 + ch).to(tl.float32)
-            k_zero = tl.load(pk_f16_ptr + rec16 + kz_off // 2 + ch).to(tl.float32)
-            k_norm = tl.load(pk_f16_ptr + rec16 + kn_off // 2 + tok).to(tl.float32)
-            k_codes = _unpack(pk_u8_ptr + rec + kc_off, D, G, K_BITS)
-            qs = (qr * k_scale[None, :]).to(tl.float16)
-            s = tl.dot(qs, k_codes) + tl.sum(qr * k_zero[None, :], axis=1)[:, None]
-            s = s * k_norm[None, :] * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_scale = tl.load(pk_f16_ptr + rec16 + vs_off // 2 + tok).to(tl.float32)
-            v_zero = tl.load(pk_f16_ptr + rec16 + vz_off // 2 + tok).to(tl.float32)
-            v_norm = tl.load(pk_f16_ptr + rec16 + vn_off // 2 + ch).to(tl.float32)
-            v_codes = _unpack(pk_u8_ptr + rec + vc_off, G, D, V_BITS)
-            ps = (p * v_scale[None, :]).to(tl.float16)
-            pv = tl.dot(ps, v_codes) + tl.sum(p * v_zero[None, :], axis=1)[:, None]
-            acc_r = acc_r * alpha[:, None] + pv * v_norm[None, :]
-            acc_p = acc_p * alpha[:, None]
-            m_i = m_new
+            m_i, l_i, acc_r, acc_p = packed_page_step(
+                qr, pk_u8_ptr, pk_f16_ptr, page * stride_pp + kvh * stride_ph,
+                kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
+                m_i, l_i, acc_r, acc_p, qk_scale, G, D, K_BITS, V_BITS,
+            )  # fmt: skip
 
     # Own page in fp16: older positions from the slot, newer ones from k_new/v_new.
     k_pos = j * G + tok
@@ -121,16 +101,8 @@ def _extend_kernel(
     v += tl.load(vn_ptr + n_off, mask=from_new[:, None], other=0.0).to(tl.float32)
     k = k.to(SLOT_DT)
     v = v.to(SLOT_DT)
-    s = tl.dot(q, tl.trans(k)) * qk_scale
     causal = (k_pos[None, :] <= q_pos[:, None]) & (from_slot | from_new)[None, :]
-    s = tl.where(causal, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded query rows
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc_p = acc_p * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    acc_r = acc_r * alpha[:, None]
+    m_i, l_i, acc_r, acc_p = fp16_page_step(q, k, v, causal, m_i, l_i, acc_r, acc_p, qk_scale)
 
     h = tl.load(h_ptr + ch[:, None] * D + ch[None, :])
     l_i = tl.where(l_i > 0, l_i, 1.0)
@@ -200,7 +172,6 @@ def extend_attention(
     qf = q.float().contiguous()
     h = hadamard_matrix(d, q.device)
     qr = (qf @ h).contiguous()
-    off = {f.name: f.offset for f in config.layout.fields}
     packed, sk, sv = cache.packed, cache.slot_k, cache.slot_v
     _extend_kernel[(len(blocks), hq)](
         qf, qr, k_new, v_new, k_new.stride(0), k_new.stride(1),
@@ -209,8 +180,7 @@ def extend_attention(
         cache.page_slot, page_table, page_table.stride(0),
         blk, row0, h, out,
         sm_scale * LOG2E, config.sink_pages,
-        off["k_codes"], off["v_codes"], off["k_scale"], off["k_zero"], off["k_norm"],
-        off["v_scale"], off["v_zero"], off["v_norm"],
+        *record_offsets(config.layout),
         HQ=hq, G=g, D=d, GROUP=hq // hkv, K_BITS=config.k_bits, V_BITS=config.v_bits,
         SLOT_DT=slot_operand_dtype(sk),
     )  # fmt: skip
