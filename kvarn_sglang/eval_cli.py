@@ -30,12 +30,17 @@ def add_eval_parser(sub) -> None:
     ev.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated")
     ev.add_argument("--text", default=None, help="text file (default: embedded passage)")
     ev.add_argument("--tokens", type=int, default=4096, help="tokens of the text to use (max)")
-    ev.add_argument("--prompts", default=None, help="generation prompts, one per line")
+    ev.add_argument(
+        "--prompts", default=None, help="generation prompts, one per line (chat template if any)"
+    )
     ev.add_argument("--gen-tokens", type=int, default=384, help="greedy tokens per prompt")
     ev.add_argument("--gen-mode", default="forced", choices=("forced", "incremental"))
     ev.add_argument("--page-size", type=int, default=128, help="pages of non-preset methods")
     ev.add_argument("--sink-pages", type=int, default=1)
     ev.add_argument("--device", default="cpu", help="cpu or cuda")
+    ev.add_argument(
+        "--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)"
+    )
     ev.add_argument("--output", default="eval-results", help="directory for the outputs")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=run_eval_command, extra_meta=None)
@@ -53,10 +58,22 @@ def _encode(tokenizer, text: str, device: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids.to(device)
 
 
+def encode_prompt(tokenizer, prompt: str, device: str) -> torch.Tensor:
+    """``int [1, P]``: the prompt as a user turn of the tokenizer's chat template (instruct
+    models), or the raw text when the tokenizer has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return _encode(tokenizer, prompt, device)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+
+
 def _describe_device(device: str) -> str:
     if device.startswith("cuda"):
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    cpu = platform.processor() or platform.machine()
+    return f"{device} ({cpu}, {torch.get_num_threads()} threads)"
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
@@ -71,6 +88,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
         raise ValueError(f"Text file {args.text!r} does not exist")
     if args.tokens <= 0:
         raise ValueError(f"Unsupported --tokens {args.tokens}: expected > 0")
+    if args.threads < 0:
+        raise ValueError(f"Unsupported --threads {args.threads}: expected >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     prompts = read_prompts(args.prompts)
     print(f"loading {args.model} ...", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device)
@@ -84,7 +105,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         gen_tokens=args.gen_tokens,
         gen_mode=args.gen_mode,
     )
-    prompt_ids = [_encode(tokenizer, p, args.device) for p in prompts]
+    prompt_ids = [encode_prompt(tokenizer, p, args.device) for p in prompts]
     result = run_eval(model, ids, prompt_ids, settings, progress=not args.no_progress)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -116,6 +137,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
             "transformers": importlib.metadata.version("transformers"),
         },
         "prompts": prompts,
+        "reference_generations": [tokenizer.decode(g) for g in result.reference_generations],
     }
     meta.update(args.extra_meta or {})
     meta["seconds"] = round(time.time() - started, 1)

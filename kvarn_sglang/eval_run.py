@@ -19,6 +19,7 @@ the first divergence. ``gen_mode="incremental"`` decodes token by token with
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -81,6 +82,8 @@ class EvalResult:
     gen_tokens: int
     gen_mode: str
     prompt_tokens: list[int]
+    reference_generations: list[list[int]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase
     rows: list[MethodResult] = field(default_factory=list)
 
 
@@ -166,6 +169,13 @@ def run_eval(
             f"some tokens read quantized pages"
         )
     bar = tqdm(total=2 + len(methods), desc="eval", disable=not progress, unit="step")
+    clock, seconds = time.perf_counter(), {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name], clock = round(now - clock, 2), now
+
     bar.set_postfix_str("reference forward")
     ref = _Reference()
     ref_logits = paged_logits(model, input_ids, None, observer=ref)
@@ -173,9 +183,11 @@ def run_eval(
     targets = input_ids[0]
     reference_ppl = token_metrics(ref_logp, ref_logits, targets, scored_from).ppl
     del ref_logits
+    lap("reference forward")
     bar.update()
     bar.set_postfix_str("reference generation")
     ref_gen = [greedy_generate(model, p, settings.gen_tokens, None) for p in prompts]
+    lap("reference generation")
     bar.update()
     nb = -(-t // g)
     result = EvalResult(
@@ -188,6 +200,8 @@ def run_eval(
         gen_tokens=settings.gen_tokens,
         gen_mode=settings.gen_mode,
         prompt_tokens=[int(p.shape[1]) for p in prompts],
+        reference_generations=[g.tolist() for g in ref_gen],
+        seconds=seconds,
     )
     for method in methods:
         bar.set_postfix_str(method.name)
@@ -223,6 +237,7 @@ def run_eval(
                 static_per_layer=static.per_layer(),
             )
         )
+        lap(method.name)
         bar.update()
     bar.close()
     return result
