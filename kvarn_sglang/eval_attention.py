@@ -90,13 +90,18 @@ def paged_attention(
     Returns:
         ``fp32 [Hq, T, D]``.
     """
-    hq, t, d = q.shape
-    hkv = k_read.shape[0]
-    if q.dim() != 3 or hq % hkv or k_read.shape[2] != d:
+    if k_read.dim() != 3 or k_own.dim() != 3:
+        raise ValueError(
+            f"Invalid shape of k_read: expected [num_kv_heads, R, head_dim] (and k_own "
+            f"[num_kv_heads, M, head_dim]), got {list(k_read.shape)} and {list(k_own.shape)}"
+        )
+    hkv, d = k_read.shape[0], k_read.shape[2]
+    if q.dim() != 3 or q.shape[0] % hkv or q.shape[2] != d:
         raise ValueError(
             f"Invalid shape of q: expected [num_q_heads (multiple of {hkv}), T, {d}], "
             f"got {list(q.shape)}"
         )
+    hq, t, _ = q.shape
     g, q_end = page_size, q_start + t
     if own_start != q_start // g * g or own_start + k_own.shape[1] < q_end:
         raise ValueError(

@@ -186,6 +186,7 @@ def run_eval(
     lap("reference forward")
     bar.update()
     bar.set_postfix_str("reference generation")
+    prompts = prompts if settings.gen_tokens > 0 else []
     ref_gen = [greedy_generate(model, p, settings.gen_tokens, None) for p in prompts]
     lap("reference generation")
     bar.update()

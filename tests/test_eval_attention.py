@@ -84,6 +84,10 @@ def test_paged_attention_rejects_bad_shapes():
     q, k = torch.randn(3, 8, 64), torch.randn(2, 8, 64)
     with pytest.raises(ValueError, match="Invalid shape of q"):
         paged_attention(q, 0, k, k, k, k, 0, 4, 1.0)
+    with pytest.raises(ValueError, match="Invalid shape of q"):
+        paged_attention(q[0], 0, k, k, k, k, 0, 4, 1.0)
+    with pytest.raises(ValueError, match="Invalid shape of k_read"):
+        paged_attention(torch.randn(4, 8, 64), 0, k[0], k[0], k, k, 0, 4, 1.0)
     q = torch.randn(4, 8, 64)
     with pytest.raises(ValueError, match="Invalid shape of k_own"):
         paged_attention(q, 0, k, k, k[:, :5], k[:, :5], 0, 4, 1.0)

@@ -111,6 +111,16 @@ def test_eval_rejects_bad_arguments_with_clear_errors(files, tmp_path, capsys, e
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def test_run_eval_without_generation_reports_no_divergence():
+    model, ids = tiny_llama(), torch.randint(0, 256, (1, 200))
+    prompt = torch.zeros(1, 4, dtype=torch.long)
+    result = run_eval(
+        model, ids, [prompt], EvalSettings(["int4"], page_size=64, gen_tokens=0), progress=False
+    )
+    assert result.rows[0].divergence == [] and result.reference_generations == []
+    assert result.rows[0].kl > 0 and len(result.rows[0].accumulated) == 4
+
+
 def test_run_eval_rejects_bad_generation_settings():
     model, ids = tiny_llama(), torch.zeros(1, 200, dtype=torch.long)
     with pytest.raises(ValueError, match="Unsupported gen_mode 'beam'"):
