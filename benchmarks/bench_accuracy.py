@@ -3,8 +3,9 @@
 Runs ``kvarn-sglang eval`` on SmolLM2-135M with WikiText-2 (../shared/data) as the long
 context: perplexity, KL(reference || quantized), top-1 agreement, the error-accumulation
 curves (accumulated vs static) and greedy agreement on the prompts shipped in the package.
-Prints the markdown table; ``--output`` gets the JSON (device, versions, git commit and this
-command included) and the plot goes next to it as a PNG.
+Prints the markdown tables; ``--output`` gets the JSON (device, versions, git commit and this
+command included) and the plot goes next to it as a PNG; ``--show JSON`` reprints the tables of
+a stored result.
 
     .venv/bin/python benchmarks/bench_accuracy.py \\
         --output benchmarks/results/accuracy_smollm2.json
@@ -13,6 +14,7 @@ command included) and the plot goes next to it as a PNG.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -35,6 +37,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def show(path: Path) -> int:
+    """Print both markdown tables of a committed result."""
+    from kvarn_sglang.eval_cli import CURVE_NOTE
+    from kvarn_sglang.eval_report import format_curve_table, format_table, result_from_json
+
+    result = result_from_json(json.loads(path.read_text()))
+    print(f"{format_table(result)}\n\n{CURVE_NOTE}\n\n{format_curve_table(result)}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
@@ -44,7 +56,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default=None, help="results JSON; the PNG goes beside it")
+    parser.add_argument("--show", default=None, help="print the tables of a results JSON, no run")
     args = parser.parse_args()
+    if args.show:
+        return show(Path(args.show))
     text = Path(args.data_dir) / "wikitext2-test.raw"
     if not text.exists():
         print(f"skipped: {text} not found (pass --data-dir)", file=sys.stderr)

@@ -19,6 +19,10 @@ import torch
 from kvarn_sglang.baselines import DEFAULT_METHODS
 
 PROMPTS_FILE = Path(__file__).parent / "data" / "prompts.txt"
+CURVE_NOTE = (
+    "Error accumulation: mean absolute error of every layer's attention output (before o_proj) "
+    "vs the reference, over the positions that read quantized pages."
+)
 
 
 def add_eval_parser(sub) -> None:
@@ -77,7 +81,13 @@ def _describe_device(device: str) -> str:
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
-    from kvarn_sglang.eval_report import format_table, plot_curves, result_to_json, write_json
+    from kvarn_sglang.eval_report import (
+        format_curve_table,
+        format_table,
+        plot_curves,
+        result_to_json,
+        write_json,
+    )
     from kvarn_sglang.eval_run import EvalSettings, build_methods, run_eval
     from kvarn_sglang.models import load_model, read_text
 
@@ -117,7 +127,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         f">= {result.scored_from}; {args.sink_pages} fp16 sink page(s); greedy: "
         f"{len(prompts)} prompts x {args.gen_tokens} tokens ({args.gen_mode})."
     )
-    table = format_table(result)
+    table = f"{format_table(result)}\n\n{CURVE_NOTE}\n\n{format_curve_table(result)}"
     print(f"\n{summary}\n\n{table}")
     out = Path(args.output)
     meta = {
@@ -137,12 +147,13 @@ def run_eval_command(args: argparse.Namespace) -> int:
             "transformers": importlib.metadata.version("transformers"),
         },
         "prompts": prompts,
-        "reference_generations": [tokenizer.decode(g) for g in result.reference_generations],
+        "reference_texts": [tokenizer.decode(g) for g in result.reference_generations],
     }
     meta.update(args.extra_meta or {})
     meta["seconds"] = round(time.time() - started, 1)
     write_json(out / "results.json", result_to_json(result, meta))
     (out / "table.md").write_text(f"{summary}\n\n{table}\n")
-    plot_curves(result, out / "accuracy.png", f"{args.model}, {result.tokens} tokens of {text}")
+    name = Path(args.text).name if args.text else text
+    plot_curves(result, out / "accuracy.png", f"{args.model}, {result.tokens} tokens of {name}")
     print(f"\nwrote {out}/results.json, table.md, accuracy.png", file=sys.stderr)
     return 0

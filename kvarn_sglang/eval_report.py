@@ -7,10 +7,28 @@ from dataclasses import asdict
 from pathlib import Path
 
 from kvarn_sglang.config import PRESETS
-from kvarn_sglang.eval_run import EvalResult
+from kvarn_sglang.eval_run import EvalResult, MethodResult
 
-KVARN_STYLE = {"linestyle": "-", "linewidth": 2.0}
-BASELINE_STYLE = {"linestyle": "--", "linewidth": 1.2}
+FAMILY_COLORS = (  # (name prefix, colour); KVarN presets are matched by name first
+    ("kvarn-norot", "tab:cyan"),
+    ("kvarn-nonorm", "tab:green"),
+    ("kivi", "tab:red"),
+    ("hadamard", "tab:purple"),
+    ("int", "tab:brown"),
+    ("fp8", "tab:pink"),
+    ("fp16", "tab:gray"),
+)
+LINESTYLES = {4: "-", 6: "-.", 8: "--"}  # by K bits + V bits; 16 and more dotted
+
+
+def _style(method: str, k_bits: int, v_bits: int) -> dict:
+    color = "tab:blue" if method in PRESETS else "tab:olive"
+    for prefix, c in FAMILY_COLORS:
+        if method.startswith(prefix) and method not in PRESETS:
+            color = c
+            break
+    width = 2.2 if method in PRESETS else 1.3
+    return {"color": color, "linestyle": LINESTYLES.get(k_bits + v_bits, ":"), "linewidth": width}
 
 
 def _divergence(counts: list[int], n: int) -> str:
@@ -36,6 +54,52 @@ def format_table(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def curve_summary(result: EvalResult, row: MethodResult) -> dict[str, float]:
+    """Scalars of one method's curves over the buckets that read quantized pages.
+
+    ``static``/``accumulated``: mean MAE; ``amplification``: accumulated / static;
+    ``growth``: accumulated MAE of the last quarter of those buckets / the first quarter.
+    """
+    first = result.scored_from // result.bucket
+    acc, static = row.accumulated[first:], row.static[first:]
+    quarter = max(1, len(acc) // 4)
+    early, late = _mean(acc[:quarter]), _mean(acc[-quarter:])
+    return {
+        "static": _mean(static),
+        "accumulated": _mean(acc),
+        "amplification": _mean(acc) / max(_mean(static), 1e-30),
+        "growth": late / max(early, 1e-30),
+    }
+
+
+def format_curve_table(result: EvalResult) -> str:
+    """Markdown table of ``curve_summary`` for every method."""
+    lines = [
+        "| method | static MAE | accumulated MAE | accumulated / static | growth (last / first "
+        "quarter) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result.rows:
+        c = curve_summary(result, r)
+        lines.append(
+            f"| {r.method} | {c['static']:.2e} | {c['accumulated']:.2e} "
+            f"| {c['amplification']:.2f}x | {c['growth']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def result_from_json(data: dict) -> EvalResult:
+    """Rebuild an ``EvalResult`` from ``results.json`` (extra metadata keys are ignored)."""
+    names = set(EvalResult.__dataclass_fields__)
+    fields = {k: v for k, v in data.items() if k in names}
+    fields["rows"] = [MethodResult(**r) for r in data["rows"]]
+    return EvalResult(**fields)
+
+
 def result_to_json(result: EvalResult, meta: dict) -> dict:
     """``meta`` (command, model, versions, ...) followed by every field of ``result``."""
     return {**meta, **asdict(result)}
@@ -48,6 +112,7 @@ def write_json(path: Path, data: dict) -> None:
 
 def plot_curves(result: EvalResult, path: Path, title: str) -> None:
     """Two panels (accumulated, static): attention-output MAE per position bucket, log y.
+    Colour: method family (KVarN presets blue, thick); line style: K + V bits.
 
     Buckets before ``scored_from`` read no quantized page (error 0) and are left out.
     """
@@ -59,12 +124,10 @@ def plot_curves(result: EvalResult, path: Path, title: str) -> None:
     first = result.scored_from // result.bucket
     x = result.positions[first:]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    cmap = plt.get_cmap("tab20")
-    for i, r in enumerate(result.rows):
-        kvarn = r.method in PRESETS or r.method.startswith("kvarn-")
-        style = KVARN_STYLE if kvarn else BASELINE_STYLE
+    for r in result.rows:
+        style = _style(r.method, r.k_bits, r.v_bits)
         for ax, curve in zip(axes, (r.accumulated, r.static), strict=True):
-            ax.plot(x, curve[first:], label=r.method, color=cmap(i % 20), **style)
+            ax.plot(x, curve[first:], label=f"{r.method} ({r.k_bits}/{r.v_bits})", **style)
     for ax, name in zip(
         axes, ("accumulated (quantized forward)", "static (no propagation)"), strict=True
     ):

@@ -14,7 +14,9 @@ decoding with the quantized cache sees exactly the reference prefix, and decode-
 attention makes one teacher-forced forward over it compute what token-by-token decoding
 would; so the first position where the quantized argmax differs from the reference token is
 the first divergence. ``gen_mode="incremental"`` decodes token by token with
-``PagedQuantizedCache`` instead (slower; the tests check that both agree).
+``PagedQuantizedCache`` instead (slower; the tests check that both agree). With each
+divergence the reference's top-1 minus top-2 logit margin at that token is kept: a flip at a
+near-tie says little about a method.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class MethodResult:
     kl: float
     top1: float
     divergence: list[int]
+    divergence_margin: list[float | None]
     accumulated: list[float]
     static: list[float]
     accumulated_per_layer: list[float]
@@ -83,6 +86,7 @@ class EvalResult:
     gen_mode: str
     prompt_tokens: list[int]
     reference_generations: list[list[int]] = field(default_factory=list)
+    reference_margin_median: list[float] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase
     rows: list[MethodResult] = field(default_factory=list)
 
@@ -122,6 +126,13 @@ def _static_curve(method: PageMethod, ref: _Reference, sink_pages: int, bucket: 
         )
         curve.add(layer, o, out, bucket)
     return curve
+
+
+def _reference_margins(model, prompt: torch.Tensor, gen: torch.Tensor) -> torch.Tensor:
+    """Reference top-1 minus top-2 logit at each generated position, ``fp32 [len(gen)]``."""
+    logits = paged_logits(model, torch.cat([prompt, gen[None, :-1]], 1), None)
+    top2 = logits[prompt.shape[1] - 1 :].topk(2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1]).cpu()
 
 
 def _divergence(model, method, prompts, ref_gen, settings: EvalSettings) -> list[int]:
@@ -188,6 +199,7 @@ def run_eval(
     bar.set_postfix_str("reference generation")
     prompts = prompts if settings.gen_tokens > 0 else []
     ref_gen = [greedy_generate(model, p, settings.gen_tokens, None) for p in prompts]
+    margins = [_reference_margins(model, p, g) for p, g in zip(prompts, ref_gen, strict=True)]
     lap("reference generation")
     bar.update()
     nb = -(-t // g)
@@ -202,6 +214,7 @@ def run_eval(
         gen_mode=settings.gen_mode,
         prompt_tokens=[int(p.shape[1]) for p in prompts],
         reference_generations=[g.tolist() for g in ref_gen],
+        reference_margin_median=[float(m.median()) for m in margins],
         seconds=seconds,
     )
     for method in methods:
@@ -218,6 +231,7 @@ def run_eval(
         del logits
         static = _static_curve(method, ref, settings.sink_pages, g, nb)
         layout = method.layout
+        divergence = _divergence(model, method, prompts, ref_gen, settings)
         result.rows.append(
             MethodResult(
                 method=method.name,
@@ -231,7 +245,11 @@ def run_eval(
                 delta_ppl=tm.ppl - reference_ppl,
                 kl=tm.kl,
                 top1=tm.top1,
-                divergence=_divergence(model, method, prompts, ref_gen, settings),
+                divergence=divergence,
+                divergence_margin=[
+                    float(m[d]) if d < len(m) else None
+                    for m, d in zip(margins, divergence, strict=True)
+                ],
                 accumulated=acc.curve(),
                 static=static.curve(),
                 accumulated_per_layer=acc.per_layer(),

@@ -55,7 +55,8 @@ def test_eval_writes_results_table_and_plot(files, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "| int4 | 4/4 | 4.50 | 72.0 | 3.56x |" in stdout
     table = [line for line in stdout.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + 4  # header, separator, one row per method
+    assert len(table) == 2 * (2 + 4)  # metrics and curve tables: header, separator, 4 rows
+    assert any(line.startswith("| kivi2 | ") and line.endswith("x |") for line in table[6:])
     result = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in result["rows"]}
     assert list(rows) == ["fp16", "int4", "kivi2", "k2v2_g64"]
@@ -67,7 +68,10 @@ def test_eval_writes_results_table_and_plot(files, tmp_path, capsys):
         assert r["accumulated"][:2] == [0.0, 0.0] and r["static"][:2] == [0.0, 0.0]
         assert min(r["accumulated"][2:] + r["static"][2:]) > 0
         assert len(r["divergence"]) == 2 and all(134 - 22 <= d <= 150 for d in r["divergence"])
+        for d, margin in zip(r["divergence"], r["divergence_margin"], strict=True):
+            assert (margin is None) == (d == 150) and (margin is None or margin >= 0)
     assert rows["fp16"]["divergence"] == [150, 150]
+    assert len(result["reference_texts"]) == 2 and len(result["reference_margin_median"]) == 2
     assert result["command"].startswith("kvarn-sglang") and "torch" in result["versions"]
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| kivi2 |" in (out / "table.md").read_text()
