@@ -2,6 +2,9 @@
 
 ``kvarn-sglang quant-error``   quantize real K/V of a model with KVarN and every baseline and
                                print the error table (the README's main job on a CPU);
+``kvarn-sglang eval``          accuracy of KVarN vs fp16 and the baselines on a real model in
+                               the decode regime: perplexity, KL, top-1, error accumulation,
+                               greedy agreement (``kvarn_sglang.eval_cli``);
 ``kvarn-sglang presets``       list the presets with their page byte layout.
 """
 
@@ -19,6 +22,7 @@ import torch
 
 from kvarn_sglang.baselines import DEFAULT_METHODS
 from kvarn_sglang.config import DEFAULT_PRESET, PRESETS, get_preset
+from kvarn_sglang.eval_cli import add_eval_parser
 
 
 def _quant_error(args: argparse.Namespace) -> int:
@@ -97,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     qe.add_argument("--sink-pages", type=int, default=1)
     qe.add_argument("--output", default=None, help="write results as JSON here")
     qe.set_defaults(func=_quant_error, extra_meta=None)
+    add_eval_parser(sub)
     pr = sub.add_parser("presets", help="list presets and the packed page layout")
     pr.set_defaults(func=_presets)
     return parser
