@@ -16,25 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from kvarn_sglang.cli import main as cli_main
+from kvarn_sglang.provenance import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = (
     "fp16,k4v2_g128,k4v4_g128,k2v2_g128,kvarn-norot-k2v2,kvarn-nonorm-k2v2,"
     "kivi2,kivi4,hadamard2,hadamard4,int4,int8,fp8"
 )
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def show(path: Path) -> int:

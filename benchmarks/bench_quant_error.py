@@ -14,9 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks.common import ROOT, git_commit
+from benchmarks.common import ROOT
 from kvarn_sglang.baselines import DEFAULT_METHODS
 from kvarn_sglang.cli import main as cli_main
+from kvarn_sglang.provenance import git_commit
 
 
 def main() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -12,16 +11,11 @@ from pathlib import Path
 
 import torch
 
+from kvarn_sglang.provenance import git_commit, versions
+
 ROOT = Path(__file__).resolve().parents[1]
 # Published HBM bandwidth in GB/s by device-name fragment.
 HBM_PEAK_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def device_name(device: str) -> str:
@@ -56,17 +50,10 @@ def time_fn(fn: Callable[[], object], args) -> float:
 
 
 def result_header(argv: list[str] | None, device: str) -> dict:
-    import triton
-
     return {
         "command": " ".join(["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
         "device": device_name(device),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "cuda": torch.version.cuda,
-        },
+        "versions": versions("torch", "triton") | {"cuda": str(torch.version.cuda)},
         "git_commit": git_commit(),
     }
 

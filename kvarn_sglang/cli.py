@@ -12,18 +12,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from kvarn_sglang.baselines import DEFAULT_METHODS
 from kvarn_sglang.config import DEFAULT_PRESET, PRESETS, get_preset
 from kvarn_sglang.eval_cli import add_eval_parser
+from kvarn_sglang.provenance import versions
 
 
 def _quant_error(args: argparse.Namespace) -> int:
@@ -63,11 +60,7 @@ def _quant_error(args: argparse.Namespace) -> int:
             "page_size": args.page_size,
             "sink_pages": args.sink_pages,
             "device": "cpu",
-            "versions": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "transformers": importlib.metadata.version("transformers"),
-            },
+            "versions": versions("torch", "transformers"),
             "seconds": round(time.time() - started, 1),
             "rows": rows_to_json(rows),
         }

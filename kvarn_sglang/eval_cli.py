@@ -8,7 +8,6 @@ error-accumulation curves).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import platform
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from kvarn_sglang.baselines import DEFAULT_METHODS
+from kvarn_sglang.provenance import versions
 
 PROMPTS_FILE = Path(__file__).parent / "data" / "prompts.txt"
 CURVE_NOTE = (
@@ -141,11 +141,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         },
         "text": args.text or "embedded",
         "device": _describe_device(args.device),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": importlib.metadata.version("transformers"),
-        },
+        "versions": versions("torch", "transformers"),
         "prompts": prompts,
         "reference_texts": [tokenizer.decode(g) for g in result.reference_generations],
     }

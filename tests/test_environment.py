@@ -29,5 +29,15 @@ def test_package_layout_installs_kernels_and_patches_under_kvarn_sglang():
     assert "kvarn-sglang" in scripts
 
 
+def test_provenance_records_versions_and_commit(tmp_path):
+    from kvarn_sglang.provenance import git_commit, versions
+
+    found = versions("torch", "no-such-package-kvarn")
+    assert set(found) == {"python", "torch"}
+    commit = git_commit()
+    assert commit == "unknown" or (len(commit) == 40 and int(commit, 16) >= 0)
+    assert git_commit(tmp_path) == "unknown"
+
+
 if __name__ == "__main__":
     test_sglang_memory_pool_imports_on_cpu()
