@@ -45,7 +45,6 @@ def test_prefix_hit_computes_what_a_miss_computes_and_quantizes_shared_pages_onc
     a = server.start(prompt)
     assert server.extend([a], [len(prompt)])
     server.finish(a)
-    shared = server.req_pool.req_to_token  # rows are reused: read pages from the tree instead
     b_tokens = prompt[: 2 * G + 10] + [rng.randrange(64) for _ in range(40)]
     b = server.start(b_tokens)
     assert b.cached_len == 2 * G
@@ -53,7 +52,7 @@ def test_prefix_hit_computes_what_a_miss_computes_and_quantizes_shared_pages_onc
     b.tokens.append(7)
     assert server.decode([b])
     _check_outputs(server, b)
-    pages = shared[b.row, : 3 * G : G].long() // G
+    pages = server.req_pool.req_to_token[b.row, : 3 * G : G].long() // G
     store = server.pool.store
     assert store.commits[pages].tolist() == [0, 1, 0]  # page 2 is b's own (diverged), not yet full
     server.finish(b)
