@@ -6,11 +6,26 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before the
 # kernel modules are imported (scripts/test.sh sets it too).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Property-based tests: one fixed profile, reproducible in CI (the same examples every run, no
+# example database), no per-example deadline (the first call of a kernel compiles it), and a
+# bounded number of examples per test (tests override max_examples downwards where costly).
+settings.register_profile(
+    "kvarn",
+    deadline=None,
+    max_examples=30,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("kvarn")
 
 # One tolerance table per dtype for float comparisons (absolute, relative).
 TOLERANCE = {
