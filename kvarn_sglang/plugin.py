@@ -37,6 +37,11 @@ def register() -> None:
         ),
         (pool_configurator.COMPUTE_CELL_SIZE, pool_configurator.after_compute_cell_size, after),
         (pool_configurator.CONFIGURATOR_INIT, pool_configurator.after_init, after),
+        (
+            pool_configurator.CALCULATE_POOL_SIZES,
+            pool_configurator.around_calculate_pool_sizes,
+            around,
+        ),
         (platform.GET_KV_POOL_CLS, platform.after_get_kv_pool_cls, after),
         (platform.GET_PAGED_ALLOCATOR_CLS, platform.after_get_paged_allocator_cls, after),
         (

@@ -5,13 +5,16 @@
   ``--kvarn-preset``, ``--kvarn-sink-pages``, ``--kvarn-slots``.
 * ``ServerArgs.from_cli_args`` (AFTER): carries the flags as ``_kvarn_*`` attributes, selects
   the ``kvarn`` attention backend, turns decode CUDA graphs off, and refuses unsupported
-  flags with one message each.
+  flags with one message each; without ``--kv-cache kvarn`` it refuses the ``--kvarn-*``
+  flags and ``--attention-backend kvarn``, which would otherwise be ignored or fail later.
 * ``ServerArgs.resolve_once`` (AFTER): refuses unsupported models (needs the model config).
+
+Every refusal is a ``ValueError`` whose message names the flag to change.
 """
 
 from __future__ import annotations
 
-from kvarn_sglang.config import PRESETS, SUPPORTED_HEAD_DIMS
+from kvarn_sglang.config import DEFAULT_PRESET, PRESETS, SUPPORTED_HEAD_DIMS
 from kvarn_sglang.settings import DEFAULT_MAX_RUNNING_REQUESTS, KV_CACHE_CHOICE, settings_of
 
 ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
@@ -35,6 +38,8 @@ _REFUSED_FLAGS = [
     ("enable_torch_compile", False, "torch.compile: remove --enable-torch-compile"),
     ("radix_cache_backend", None, "custom radix caches: remove --radix-cache-backend"),
 ]
+# Model dtypes whose KV the fp16/bf16 slot pool would silently round.
+_REFUSED_DTYPES = ("float", "float32")
 
 
 def after_add_cli_args(result, parser):
@@ -44,7 +49,7 @@ def after_add_cli_args(result, parser):
         if wanted and choices is not None and KV_CACHE_CHOICE not in choices:
             action.choices = [*choices, KV_CACHE_CHOICE]
     parser.add_argument(
-        "--kvarn-preset", default="k4v2_g128", choices=sorted(PRESETS),
+        "--kvarn-preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
         help="KVarN preset (with --kv-cache kvarn); --page-size must equal its tile size G",
     )  # fmt: skip
     parser.add_argument("--kvarn-sink-pages", type=int, default=1, help="fp16 sink pages")
@@ -65,6 +70,19 @@ def refuse_flags(args) -> None:
         )
     if args.kvarn_sink_pages < 0:
         raise ValueError(f"--kvarn-sink-pages must be >= 0 (got {args.kvarn_sink_pages})")
+    running = args.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS
+    least = running * (args.kvarn_sink_pages + 1)
+    if args.kvarn_slots is not None and args.kvarn_slots < least:
+        raise ValueError(
+            f"--kvarn-slots {args.kvarn_slots} is too few fp16 page slots: {running} running "
+            f"requests hold up to {least} (--max-running-requests x (--kvarn-sink-pages + 1)); "
+            f"raise --kvarn-slots to at least {least} or lower --max-running-requests"
+        )
+    if getattr(args, "dtype", "auto") in _REFUSED_DTYPES:
+        raise ValueError(
+            f"--kv-cache kvarn stores K/V in fp16 or bf16, not {args.dtype}: use --dtype "
+            f"float16, bfloat16 or auto"
+        )
     for name, fine, message in _REFUSED_FLAGS:
         value = getattr(args, name, fine)
         if value is not None and value != fine:
@@ -80,8 +98,25 @@ def refuse_flags(args) -> None:
         )
 
 
+def refuse_without_kvarn(args) -> None:
+    """Raise ``ValueError`` for KVarN flags given without ``--kv-cache kvarn``."""
+    defaults = (("kvarn_preset", DEFAULT_PRESET), ("kvarn_sink_pages", 1), ("kvarn_slots", None))
+    for name, default in defaults:
+        if getattr(args, name, default) != default:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} needs --kv-cache kvarn: add it, or remove {flag}")
+    for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
+        if getattr(args, name, None) == KV_CACHE_CHOICE:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{flag} kvarn reads KVarN pages only: add --kv-cache kvarn, or choose "
+                f"another {flag}"
+            )
+
+
 def after_from_cli_args(result, cls, args):
     if getattr(args, "kv_cache_dtype", None) != KV_CACHE_CHOICE:
+        refuse_without_kvarn(args)
         return result
     refuse_flags(args)
     result._kvarn_preset = args.kvarn_preset
@@ -99,21 +134,27 @@ def refuse_model(model_config, tp_size: int) -> None:
     from sglang.srt.configs.hybrid_arch import mambaish_config
     from sglang.srt.configs.model_config import AttentionArch
 
+    serve = "serve this model without --kv-cache kvarn"
     if model_config.attention_arch != AttentionArch.MHA:
-        raise ValueError("--kv-cache kvarn supports MHA/GQA models only (this model uses MLA)")
-    if model_config.is_hybrid_swa or model_config.sliding_window_size is not None:
-        raise ValueError("--kv-cache kvarn does not support sliding-window or hybrid models")
-    if mambaish_config(model_config) is not None or model_config.is_encoder_decoder:
         raise ValueError(
-            "--kv-cache kvarn does not support hybrid linear or encoder-decoder models"
+            f"--kv-cache kvarn supports MHA/GQA models only (this one uses MLA): {serve}"
         )
+    if model_config.is_hybrid_swa or model_config.sliding_window_size is not None:
+        raise ValueError(f"--kv-cache kvarn does not support sliding-window attention: {serve}")
+    if mambaish_config(model_config) is not None:
+        raise ValueError(
+            f"--kv-cache kvarn does not support hybrid linear-attention models: {serve}"
+        )
+    if model_config.is_encoder_decoder:
+        raise ValueError(f"--kv-cache kvarn does not support encoder-decoder models: {serve}")
     if (
         model_config.head_dim != model_config.v_head_dim
         or model_config.head_dim not in SUPPORTED_HEAD_DIMS
     ):
+        dims = {model_config.head_dim, model_config.v_head_dim}
         raise ValueError(
-            f"Unsupported head_dim {model_config.head_dim}: KVarN needs a power of two in "
-            f"{{64, 128, 256}} for K and V"
+            f"Unsupported head_dim {'/'.join(map(str, sorted(dims)))}: KVarN needs one power of "
+            f"two in {{64, 128, 256}} for K and V; {serve}"
         )
     kv_heads = model_config.num_key_value_heads
     if tp_size > kv_heads and tp_size % kv_heads == 0:

@@ -62,53 +62,14 @@ def test_kv_cache_kvarn_selects_the_kvarn_configuration(prepare):
 
 def test_kvarn_flags_are_real(prepare):
     sa = prepare("--kv-cache", "kvarn", "--page-size", "64", "--kvarn-preset", "k4v4_g64",
-                 "--kvarn-sink-pages", "2", "--kvarn-slots", "300")  # fmt: skip
+                 "--kvarn-sink-pages", "2", "--kvarn-slots", "300",
+                 "--max-running-requests", "100")  # fmt: skip
     assert (sa._kvarn_preset, sa._kvarn_sink_pages, sa._kvarn_slots) == ("k4v4_g64", 2, 300)
 
 
 def test_without_kvarn_nothing_changes(prepare):
     sa = prepare("--page-size", "128")
     assert sa.kv_cache_dtype == "auto" and not hasattr(sa, "_kvarn_preset")
-
-
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--page-size", "64"], "needs --page-size 128"),
-        (
-            ["--page-size", "128", "--speculative-algorithm", "EAGLE"],
-            "remove --speculative-algorithm",
-        ),
-        (
-            ["--page-size", "128", "--enable-hierarchical-cache"],
-            "remove --enable-hierarchical-cache",
-        ),
-        (
-            ["--page-size", "128", "--disaggregation-mode", "prefill"],
-            "remove --disaggregation-mode",
-        ),
-        (
-            ["--page-size", "128", "--attention-backend", "triton"],
-            "needs --attention-backend kvarn",
-        ),
-        (["--page-size", "128", "--cuda-graph-backend-decode", "full"], "CUDA graphs"),
-        (["--page-size", "128", "--enable-torch-compile"], "remove --enable-torch-compile"),
-    ],
-    ids=["page_size", "speculative", "hicache", "pd", "backend", "cuda_graph", "compile"],
-)
-def test_startup_refuses_unsupported_flags(prepare, flags, message):
-    with pytest.raises(ValueError, match=message):
-        prepare("--kv-cache", "kvarn", *flags)
-
-
-@pytest.mark.parametrize(
-    "model, message",
-    [("llama_hd80", "Unsupported head_dim 80"), ("mistral_swa", "sliding-window")],
-)
-def test_startup_refuses_unsupported_models(prepare, model, message):
-    sa = prepare("--kv-cache", "kvarn", "--page-size", "128", model=model)
-    with pytest.raises(ValueError, match=message):
-        sa.resolve_once()
 
 
 def _model_config(**overrides):
@@ -120,17 +81,120 @@ def _model_config(**overrides):
     return SimpleNamespace(**{**base, **overrides})
 
 
-def test_refuses_mla_and_kv_head_splitting_tensor_parallelism(monkeypatch):
+def _budget_configurator(monkeypatch, max_running_requests: int):
+    """SGLang's ``DefaultPoolConfigurator`` state after the KVarN hooks, Llama-3-8B shape."""
+    settings = KVarNSettings(max_running_requests=max_running_requests)
+    monkeypatch.setattr(pool_configurator, "active_settings", lambda: settings)
+    kvc = SimpleNamespace(kv_cache_dtype_str="kvarn", kv_cache_dtype=torch.float16,
+                          model_config=SimpleNamespace(head_dim=128))  # fmt: skip
+    conf = SimpleNamespace(_fixed_overhead_bytes=0, _zero_kv_max_tokens=0)
+    conf._cell_size = pool_configurator.after_compute_cell_size(LLAMA3_8B_CELL, conf, kvc, 32)
+    pool_configurator.after_init(None, conf, kvc)
+    return conf
+
+
+def _calculate_pool_sizes(conf, available_bytes: int):
+    from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
+
+    original = DefaultPoolConfigurator.calculate_pool_sizes
+    original = getattr(original, "__wrapped__", original)  # the hook may already wrap it
+    return pool_configurator.around_calculate_pool_sizes(original, conf, available_bytes, 128)
+
+
+LLAMA3_8B_CELL = 32 * 8 * 256 * 2  # fp16 bytes per token: layers x KV heads x (K+V) x D x 2
+SLOT_POOL_64 = (64 * 2 + 8) * 128 * LLAMA3_8B_CELL  # default slots for 64 running requests
+PACKED_PAGE = 32 * 8 * 13824  # one k4v2_g128 page over all layers and KV heads
+
+
+def _refusal(kind: str, arg, prepare, monkeypatch) -> None:
+    """Run one row of the refusal matrix; it must raise ``ValueError``."""
+    if kind == "flags":
+        prepare("--kv-cache", "kvarn", *arg)
+    elif kind == "without_kvarn":
+        prepare("--page-size", "128", *arg)
+    elif kind == "model":
+        prepare("--kv-cache", "kvarn", "--page-size", "128", model=arg).resolve_once()
+    elif kind == "model_config":
+        from sglang.srt.configs import hybrid_arch
+        from sglang.srt.configs.model_config import AttentionArch
+
+        overrides = dict(arg)
+        mamba = overrides.pop("mamba", False)
+        monkeypatch.setattr(hybrid_arch, "mambaish_config", lambda mc: object() if mamba else None)
+        if overrides.get("attention_arch") == "MLA":
+            overrides["attention_arch"] = AttentionArch.MLA
+        tp = overrides.pop("tp", 1)
+        refuse_model(_model_config(**overrides), tp_size=tp)
+    elif kind == "budget":
+        _calculate_pool_sizes(_budget_configurator(monkeypatch, 64), arg)
+
+
+P128 = ["--page-size", "128"]
+# id: (how the refusal is reached, its input, the flag its message must name)
+REFUSAL_MATRIX = {
+    "page_size": ("flags", ["--page-size", "64"], "--page-size"),
+    "page_size_vs_preset": ("flags", [*P128, "--kvarn-preset", "k4v2_g64"], "--page-size"),
+    "speculative": ("flags", [*P128, "--speculative-algorithm", "EAGLE"], "--speculative-"),
+    "hierarchical_cache": ("flags", [*P128, "--enable-hierarchical-cache"], "--enable-hier"),
+    "pd_disaggregation": ("flags", [*P128, "--disaggregation-mode", "prefill"], "--disagg"),
+    "lmcache": ("flags", [*P128, "--enable-lmcache"], "--enable-lmcache"),
+    "kv_sharding": ("flags", [*P128, "--enable-kv-cache-sharding"], "--enable-kv-cache-sharding"),
+    "torch_compile": ("flags", [*P128, "--enable-torch-compile"], "--enable-torch-compile"),
+    "attention_backend": ("flags", [*P128, "--attention-backend", "triton"], "--attention-"),
+    "decode_backend": ("flags", [*P128, "--decode-attention-backend", "triton"], "--decode-"),
+    "cuda_graph": ("flags", [*P128, "--cuda-graph-backend-decode", "full"], "--cuda-graph-"),
+    "dtype_float32": ("flags", [*P128, "--dtype", "float32"], "--dtype"),
+    "negative_sink_pages": ("flags", [*P128, "--kvarn-sink-pages", "-1"], "--kvarn-sink-pages"),
+    "slots_below_running": ("flags", [*P128, "--kvarn-slots", "255"], "--kvarn-slots"),
+    "running_above_slots": (
+        "flags",
+        [*P128, "--max-running-requests", "300", "--kvarn-slots", "599"],
+        "--max-running-requests",
+    ),
+    "kvarn_flag_without_kvarn": ("without_kvarn", ["--kvarn-slots", "9"], "--kv-cache kvarn"),
+    "kvarn_backend_without_kvarn": (
+        "without_kvarn",
+        ["--attention-backend", "kvarn"],
+        "--kv-cache kvarn",
+    ),
+    "head_dim_80": ("model", "llama_hd80", "--kv-cache kvarn"),
+    "sliding_window": ("model", "mistral_swa", "--kv-cache kvarn"),
+    "mla": ("model_config", {"attention_arch": "MLA"}, "--kv-cache kvarn"),
+    "hybrid_linear": ("model_config", {"mamba": True}, "--kv-cache kvarn"),
+    "encoder_decoder": ("model_config", {"is_encoder_decoder": True}, "--kv-cache kvarn"),
+    "v_head_dim": ("model_config", {"v_head_dim": 64}, "--kv-cache kvarn"),
+    "tp_splits_kv_heads": ("model_config", {"tp": 3}, "--tp-size"),
+    "tp_splits_6_heads_by_4": ("model_config", {"tp": 4, "num_key_value_heads": 6}, "--tp-size"),
+    "budget_below_slot_pool": ("budget", SLOT_POOL_64 // 2, "--mem-fraction-static"),
+    "budget_below_a_page_each": ("budget", SLOT_POOL_64 + 63 * PACKED_PAGE, "--kvarn-slots"),
+}
+
+
+@pytest.mark.parametrize("kind, arg, flag", list(REFUSAL_MATRIX.values()), ids=list(REFUSAL_MATRIX))
+def test_startup_refusal_matrix(prepare, monkeypatch, kind, arg, flag):
+    """Every unsupported combination is refused at startup with one line naming the flag to
+    change."""
+    with pytest.raises(ValueError) as refused:
+        _refusal(kind, arg, prepare, monkeypatch)
+    message = str(refused.value)
+    assert flag in message, message
+    assert "\n" not in message and len(message) < 300, message
+
+
+def test_supported_neighbours_of_the_refusals_start(prepare, monkeypatch):
+    """The edge of every numeric refusal is accepted."""
+    sa = prepare("--kv-cache", "kvarn", *P128, "--kvarn-slots", "256", "--dtype", "bfloat16")
+    assert sa._kvarn_slots == 256
+    sa = prepare("--kv-cache", "kvarn", *P128, "--max-running-requests", "8", "--kvarn-slots", "16")
+    assert sa.max_running_requests == 8
     from sglang.srt.configs import hybrid_arch
-    from sglang.srt.configs.model_config import AttentionArch
 
     monkeypatch.setattr(hybrid_arch, "mambaish_config", lambda mc: None)
     refuse_model(_model_config(), tp_size=4)
     refuse_model(_model_config(), tp_size=16)  # heads replicated, never split
-    with pytest.raises(ValueError, match="MLA"):
-        refuse_model(_model_config(attention_arch=AttentionArch.MLA), tp_size=1)
-    with pytest.raises(ValueError, match="--tp-size 3 splits 8 KV heads"):
-        refuse_model(_model_config(), tp_size=3)
+    conf = _budget_configurator(monkeypatch, 64)
+    enough = SLOT_POOL_64 + 64 * PACKED_PAGE
+    assert _calculate_pool_sizes(conf, enough).max_total_num_tokens == 64 * 128
 
 
 @pytest.fixture
