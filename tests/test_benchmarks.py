@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import bench_commit, bench_decode
+from benchmarks import bench_commit, bench_decode, bench_stress
 
 
 def test_bench_decode_smoke(tmp_path, capsys):
@@ -26,6 +26,14 @@ def test_bench_commit_smoke(tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     assert row["batch"] == 2 and row["commit_us_per_step"] > 0
     assert row["commit_us_per_step"] == row["commit_us_one_layer"] * 2 / 128
+
+
+def test_bench_stress_smoke(tmp_path, capsys):
+    out = tmp_path / "stress.json"
+    assert bench_stress.main(["--steps", "60", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["stats"]["invariant_checks"] == 60 and result["seed"] == 0
+    assert "every invariant held" in capsys.readouterr().out
 
 
 if __name__ == "__main__":
