@@ -60,6 +60,14 @@ def test_kv_cache_kvarn_selects_the_kvarn_configuration(prepare):
     assert resolution_result(sa, "attention_backend") == "kvarn"
 
 
+def test_decode_cuda_graphs_are_opt_in_and_overlap_scheduling_is_off(prepare):
+    sa = prepare("--kv-cache", "kvarn", "--page-size", "128")
+    assert sa.cuda_graph_backend_decode == "disabled" and sa.disable_overlap_schedule
+    assert sa.cuda_graph_backend_prefill == "disabled"
+    sa = prepare("--kv-cache", "kvarn", "--page-size", "128", "--cuda-graph-backend-decode", "full")
+    assert sa.cuda_graph_backend_decode == "full"
+
+
 def test_kvarn_flags_are_real(prepare):
     sa = prepare("--kv-cache", "kvarn", "--page-size", "64", "--kvarn-preset", "k4v4_g64",
                  "--kvarn-sink-pages", "2", "--kvarn-slots", "300",
@@ -142,7 +150,16 @@ REFUSAL_MATRIX = {
     "torch_compile": ("flags", [*P128, "--enable-torch-compile"], "--enable-torch-compile"),
     "attention_backend": ("flags", [*P128, "--attention-backend", "triton"], "--attention-"),
     "decode_backend": ("flags", [*P128, "--decode-attention-backend", "triton"], "--decode-"),
-    "cuda_graph": ("flags", [*P128, "--cuda-graph-backend-decode", "full"], "--cuda-graph-"),
+    "decode_graph_breakable": (
+        "flags",
+        [*P128, "--cuda-graph-backend-decode", "breakable"],
+        "--cuda-graph-backend-decode",
+    ),
+    "prefill_graph": (
+        "flags",
+        [*P128, "--cuda-graph-backend-prefill", "full"],
+        "--cuda-graph-backend-prefill",
+    ),
     "dtype_float32": ("flags", [*P128, "--dtype", "float32"], "--dtype"),
     "negative_sink_pages": ("flags", [*P128, "--kvarn-sink-pages", "-1"], "--kvarn-sink-pages"),
     "slots_below_running": ("flags", [*P128, "--kvarn-slots", "255"], "--kvarn-slots"),
@@ -248,7 +265,7 @@ def test_kv_dtype_and_capacity_hooks_count_real_bytes(kvarn_active):
     fp16_cell = 32 * 8 * 256 * 2  # Llama-3-8B
     assert pool_configurator.after_compute_cell_size(fp16_cell, conf, kvc, 32) == 32 * 8 * 108
     pool_configurator.after_init(None, conf, kvc)
-    assert conf._fixed_overhead_bytes == kvarn_active.num_slots * 128 * fp16_cell
+    assert conf._fixed_overhead_bytes == (kvarn_active.num_slots + 1) * 128 * fp16_cell
 
 
 if __name__ == "__main__":
