@@ -4,8 +4,9 @@ attention backend, driven the way SGLang's scheduler drives them (CPU, SGLang's 
 ``run_stress(seed, steps)`` draws interleaved operations from a seeded RNG: new requests (many
 sharing a prefix), chunked and batched prefill, decode steps, aborts mid-prefill and
 mid-decode, finishes, prefix matches and evictions, on a pool small enough that eviction,
-out-of-memory and retraction happen all the time. Allocation follows the scheduler:
-``evict_to_free_tokens`` then ``alloc_extend``/``alloc_decode``; before a decode step
+out-of-memory and retraction happen all the time. Allocation follows the scheduler
+(``SimServer``): ``evict_to_free_tokens`` then ``alloc_extend``/``alloc_decode``; before a
+decode step
 ``check_decode_capacity``, and when it says no, the least preferred request is retracted
 (its KV freed, the request back in the waiting queue) as ``ScheduleBatch.retract_decode``
 does. A prefill that finds no memory waits. After every operation ``check_invariants`` checks:
@@ -64,31 +65,33 @@ class Request:
     sim: SimRequest | None = None  # None while waiting
 
 
-class SchedulerSim(SimServer):
-    """``SimServer`` whose allocations follow SGLang's scheduler (``allocation.py``): evict
-    from the tree for the conservative demand, then allocate; None means out of memory."""
-
-    def _alloc(self, fn, *args):
-        if fn == self.alloc.alloc_extend:
-            demand = args[5] + len(args[3]) * self.g  # extend tokens + a page per request
-        else:
-            demand = len(args[0]) * self.g
-        self.alloc.evict_to_free_tokens(self.tree, demand)
-        return fn(*args)
-
-
 class StressDriver:
     """Applies operations to a ``SchedulerSim``; ops naming unknown requests are no-ops, so
     any subsequence of a log is a valid log (needed for shrinking)."""
 
-    def __init__(self, *, num_pages=10, num_slots=None, max_running=5, dense_every=4, layers=2):
-        self.server = SchedulerSim(
-            CFG, num_pages=num_pages, num_slots=num_slots or num_pages + 1, layers=layers
-        )
+    def __init__(self, *, num_pages=10, num_slots=None, max_running=4, dense_every=4, layers=2):
+        # Default slots: the fewest the server accepts (--kvarn-slots >= running x (sink + 1))
+        # plus one, so cached sink pages compete with running requests for slots.
+        num_slots = num_slots or max_running * (CFG.sink_pages + 1) + 1
+        self.server = SimServer(CFG, num_pages=num_pages, num_slots=num_slots, layers=layers)
+        self._count_slot_evictions()
         self.max_running, self.dense_every = max_running, dense_every
         self.reqs: dict[int, Request] = {}
         self.memo: dict[tuple[int, ...], list[torch.Tensor]] = {}
         self.stats: Counter = Counter()
+
+    def _count_slot_evictions(self) -> None:
+        """Count the tokens the allocator evicts from the tree to free fp16 slots."""
+        alloc, tree = self.server.alloc, self.server.tree
+        make_slot_room = alloc.make_slot_room
+
+        def counted(tree_cache, num_slots: int) -> bool:
+            before = tree.total_size()
+            ok = make_slot_room(tree_cache, num_slots)
+            self.stats["slot_evicted_tokens"] += before - tree.total_size()
+            return ok
+
+        alloc.make_slot_room = counted
 
     # ----------------------------------------------------------------- views
     def running(self) -> list[Request]:
@@ -135,7 +138,9 @@ class StressDriver:
         pre = [r.sim.kv_len for r in batch]
         counts = [min(chunk, len(r.tokens) - r.sim.kv_len) for r in batch]
         if not self.server.extend([r.sim for r in batch], counts):
-            self.stats["prefill_waits_for_memory"] += 1
+            pages = sum(-(-(p + c) // G) - -(-p // G) for p, c in zip(pre, counts, strict=True))
+            short = "pages" if self.server.alloc.available_size() < pages * G else "slots"
+            self.stats[f"prefill_waits_for_{short}"] += 1
             for r in fresh:  # back to the waiting queue, as if never scheduled
                 self.server.abort(r.sim)
                 r.sim = None
@@ -158,6 +163,8 @@ class StressDriver:
         batch.sort(key=lambda r: (len(r.tokens) - r.prompt_len, -r.prompt_len), reverse=True)
         alloc, tree = self.server.alloc, self.server.tree
         if not alloc.check_decode_capacity(num_tokens=self._need(batch), tree_cache=tree):
+            short = "pages" if alloc.available_size() < self._need(batch) else "slots"
+            self.stats[f"decode_short_of_{short}"] += 1
             first = True
             while first or not alloc.check_decode_capacity(
                 num_tokens=self._need(batch), tree_cache=tree
@@ -269,7 +276,7 @@ class StressDriver:
         assert s.tree.total_size() == 0, f"{s.tree.total_size()} tokens left in the tree"
         assert s.alloc.available_size() == s.alloc.num_pages * G, "pages leaked"
         assert store.free_slots == store.num_slots, "fp16 slots leaked"
-        assert (store.page_slot == -1).all() and (store.commits == 0).all(), "page state leaked"
+        assert not store.held_mask().any() and not store.commits.any(), "page state leaked"
         assert s.req_pool.available_size() == s.req_pool.size, "request rows leaked"
 
 
@@ -318,11 +325,13 @@ def check_invariants(d: StressDriver) -> None:
                 must_slot.add(page)
     every = free + list(in_tree) + list(owner)
     assert sorted(every) == list(range(1, alloc.num_pages + 1)), "page leaked or double-owned"
-    holders = (store.page_slot >= 0).nonzero().flatten().tolist()
+    holders = store.held_mask().nonzero().flatten().tolist()  # applies pending releases
     slots = store.page_slot[holders].tolist()
+    free_slots = store._stack[: store._top].tolist()
     assert len(set(slots)) == len(slots), "one fp16 slot held by two pages"
-    assert len(slots) + store.free_slots == store.num_slots, "fp16 slot leaked"
-    assert not set(store._free_slots) & set(slots), "a held fp16 slot is also free"
+    assert len(set(free_slots)) == len(free_slots) == store.free_slots, "fp16 free stack"
+    assert len(slots) + len(free_slots) == store.num_slots, "fp16 slot leaked"
+    assert not set(free_slots) & set(slots), "a held fp16 slot is also free"
     assert set(holders) == must_slot, (
         f"slots held by {sorted(set(holders) - must_slot)}, missing for "
         f"{sorted(must_slot - set(holders))}"

@@ -10,12 +10,10 @@ import pytest
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator
 from stress import StressDriver, StressFailure, format_ops, replay, run_stress
 
-# Every path the harness is meant to stress must be taken by the CI run (seed 0).
+# Every path the harness is meant to stress must be taken by the CI runs (seed 0).
 EXERCISED = [
     "admitted",
     "prefix_hit_tokens",
-    "prefill_waits_for_memory",
-    "retracted",
     "aborted_in_waiting",
     "aborted_in_prefill",
     "aborted_in_decode",
@@ -25,12 +23,24 @@ EXERCISED = [
     "outputs_compared",
     "dense_checks",
 ]
+# name: (driver settings, paths that regime must take)
+REGIMES = {
+    "pages_run_out": (dict(num_pages=10), ["prefill_waits_for_pages", "retracted"]),
+    "slots_run_out": (dict(num_pages=24), ["slot_evicted_tokens"]),
+    "slots_below_startup_minimum": (
+        dict(num_pages=16, num_slots=6),
+        ["prefill_waits_for_slots", "decode_short_of_slots", "retracted"],
+    ),
+}
 
 
-def test_seeded_stress_run_keeps_every_invariant_and_exercises_every_path():
-    stats = run_stress(seed=0, steps=1500)
-    assert stats["invariant_checks"] == 1500
-    missing = [key for key in EXERCISED if stats.get(key, 0) == 0]
+@pytest.mark.parametrize("settings, paths", list(REGIMES.values()), ids=list(REGIMES))
+def test_seeded_stress_run_keeps_every_invariant_and_exercises_every_path(settings, paths):
+    """Page-bound, slot-bound (at the fewest slots the server accepts, plus one) and a slot
+    pool below that minimum: nothing crashes or leaks, requests wait or are retracted."""
+    stats = run_stress(seed=0, steps=1000, **settings)
+    assert stats["invariant_checks"] == 1000
+    missing = [key for key in EXERCISED + paths if stats.get(key, 0) == 0]
     assert not missing, f"paths never taken: {missing} ({stats})"
 
 
@@ -78,4 +88,4 @@ def test_planted_bug_is_caught_and_shrunk_to_a_replayable_minimal_sequence(bug, 
 
 
 if __name__ == "__main__":
-    print(run_stress(seed=0, steps=1500))
+    print(run_stress(seed=0, steps=1000))
