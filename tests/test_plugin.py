@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kvarn_sglang.capacity import default_num_slots, slot_pool_bytes
+from kvarn_sglang.config import get_preset
 from kvarn_sglang.patches import kv_cache_dtype, models_utils, platform, pool_configurator
 from kvarn_sglang.patches.server_args import refuse_model
 from kvarn_sglang.pool import KVarNPagedAllocator, KVarNTokenToKVPool
@@ -110,7 +112,7 @@ def _calculate_pool_sizes(conf, available_bytes: int):
 
 
 LLAMA3_8B_CELL = 32 * 8 * 256 * 2  # fp16 bytes per token: layers x KV heads x (K+V) x D x 2
-SLOT_POOL_64 = (64 * 2 + 8) * 128 * LLAMA3_8B_CELL  # default slots for 64 running requests
+SLOT_POOL_64 = slot_pool_bytes(LLAMA3_8B_CELL, get_preset(), default_num_slots(64, 1))
 PACKED_PAGE = 32 * 8 * 13824  # one k4v2_g128 page over all layers and KV heads
 
 
