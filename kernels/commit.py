@@ -66,10 +66,13 @@ def _commit_tile_kernel(
     G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
     LOG_LO: tl.constexpr, LOG_HI: tl.constexpr, STD_LO: tl.constexpr, STD_HI: tl.constexpr,
-    SCALE_LO: tl.constexpr,
+    SCALE_LO: tl.constexpr, SKIP_ROW0: tl.constexpr,
 ):  # fmt: skip
     page = tl.program_id(0)
     head = tl.program_id(1)
+    if SKIP_ROW0:  # noqa: SIM102 (a constexpr guard: Triton compiles it away)
+        if tl.load(index_ptr + page) == 0:  # padding entry of a static commit list
+            return
     tok = tl.arange(0, G)
     ch = tl.arange(0, D)
     x = tl.load(
@@ -151,6 +154,7 @@ def commit_pages(
     out_index: torch.Tensor | None = None,
     *,
     check_finite: bool = True,
+    skip_row0: bool = False,
 ) -> torch.Tensor:
     """Quantize full pages into KVarN records (Triton twin of ``ref_commit_pages``).
 
@@ -163,6 +167,8 @@ def commit_pages(
         check_finite: raise ``ValueError`` on NaN/Inf before writing anything (one host sync).
             Unlike the reference, the kernel does not check that a tile fits the fp16
             metadata range (finite bf16 values beyond about 1e9 would store Inf scales).
+        skip_row0: pages whose ``out_index`` is 0 are skipped (SGLang's padding page pads
+            the fixed-size commit list of a CUDA-graph decode step).
     Returns:
         ``out``.
     """
@@ -230,5 +236,6 @@ def commit_pages(
             G=g, D=d, R=d if per_channel else g, C=g if per_channel else d,
             BITS=bits, PER_CHANNEL=per_channel,
             LOG_LO=LOG_MIN, LOG_HI=LOG_MAX, STD_LO=STD_MIN, STD_HI=STD_MAX, SCALE_LO=SCALE_MIN,
+            SKIP_ROW0=skip_row0,
         )  # fmt: skip
     return out

@@ -1,23 +1,31 @@
 """``KVarNAttnBackend``: SGLang attention over a ``KVarNTokenToKVPool``.
 
-Per forward pass, ``init_forward_metadata`` plans the pages (``forward_plan``) and gives every
-page that receives tokens an fp16 slot. Per layer, ``forward_extend``/``forward_decode``
+Per forward pass, ``init_forward_metadata`` plans the pages (``forward_plan``); the allocator
+already gave every page that receives tokens and needs one an fp16 slot. Per layer,
+``forward_extend``/``forward_decode``
 
 1. write the new K/V into fp16 slots (``set_kv_buffer``);
 2. commit the pages completed in this pass (quantize once, per layer), so later tokens of
    the same pass read them quantized, as decode-consistent semantics require;
 3. run attention: the Triton kernels on CUDA, the torch reference elsewhere (the same
    semantics; the kernels are tested against it);
-4. after the last layer, release the slots of the committed pages.
+4. after the last layer, hand the committed pages' slots back (applied before the next
+   allocation, see ``page_store``).
 
-CUDA graphs are not supported yet: the plugin refuses to start with them enabled.
+Decode can be captured in a CUDA graph (``--cuda-graph-backend-decode full``):
+``init_cuda_graph_state`` allocates a static page table and a static commit list;
+``init_forward_metadata_out_graph`` fills them before every replay from host lengths (no
+host synchronisation), pads the commit list with page 0 (its slot is the scratch slot), and
+schedules the slot releases; the captured layers then run the same code as eager decode,
+without the commit's NaN check.
 """
 
 from __future__ import annotations
 
+import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from kvarn_sglang.forward_plan import ForwardPlan, build_plan
+from kvarn_sglang.forward_plan import ForwardPlan, build_plan, page_table_of
 from kvarn_sglang.pool import KVarNTokenToKVPool
 from kvarn_sglang.reference import ref_decode_attention, ref_extend_attention
 
@@ -37,8 +45,12 @@ class KVarNAttnBackend(AttentionBackend):
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.config = pool.kvarn_config
         self.plan: ForwardPlan | None = None
+        self.graph_page_table: torch.Tensor | None = None
+        self.graph_commits: torch.Tensor | None = None
 
+    # ------------------------------------------------------------------ eager metadata
     def init_forward_metadata(self, forward_batch) -> None:
+        self.pool.store.flush_released()
         seq = [int(x) for x in forward_batch.seq_lens_cpu.tolist()]
         if forward_batch.forward_mode.is_decode():
             prefix = [s - 1 for s in seq]
@@ -52,27 +64,79 @@ class KVarNAttnBackend(AttentionBackend):
             self.config.page_size,
             self.config.sink_pages,
         )
-        self.pool.store.take_slots(self.plan.slot_pages)
 
-    def _write_and_commit(self, k, v, layer, forward_batch, save_kv_cache: bool) -> int:
+    # ------------------------------------------------------------------ CUDA-graph decode
+    def get_cuda_graph_seq_len_fill_value(self) -> int:
+        return 1
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+        """Static buffers of captured decode: ``graph_page_table int64 [max_bs,
+        max_context / G]`` and ``graph_commits int64 [max_bs]`` (page 0 = nothing)."""
+        g, dev = self.config.page_size, self.req_to_token.device
+        max_pages = -(-self.req_to_token.shape[1] // g)
+        self.graph_page_table = torch.zeros(max_bs, max_pages, dtype=torch.long, device=dev)
+        self.graph_commits = torch.zeros(max_bs, dtype=torch.long, device=dev)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
+        """Fill the static decode buffers for a padded batch of ``forward_batch.batch_size``
+        rows (the last ``num_padding`` are padding, with sequence length 1)."""
+        if self.graph_page_table is None or not forward_batch.forward_mode.is_decode():
+            raise ValueError(
+                "KVarN captures decode only: call init_cuda_graph_state first and keep "
+                "--cuda-graph-backend-prefill disabled"
+            )
+        store, g, sink = self.pool.store, self.config.page_size, self.config.sink_pages
+        store.flush_released()
+        bs = forward_batch.batch_size
+        real = bs - int(getattr(forward_batch, "num_padding", 0) or 0)
+        seq = [int(x) for x in forward_batch.seq_lens_cpu[:real].tolist()]
+        table = self.graph_page_table[:bs]
+        table.copy_(
+            page_table_of(self.req_to_token, forward_batch.req_pool_indices, table.shape[1], g)
+        )
+        commits = self.graph_commits[:bs]
+        commits.zero_()
+        rows = [b for b, s in enumerate(seq) if s % g == 0 and s // g > sink]
+        if rows and not in_capture:
+            at = torch.tensor([[b, seq[b] // g - 1] for b in rows], dtype=torch.long)
+            at = at.to(table.device, non_blocking=True)
+            pages = table[at[:, 0], at[:, 1]]
+            commits[: len(rows)] = pages
+            store.defer_release(pages)
+        self.plan = ForwardPlan(
+            page_table=table,
+            prefix_lens=forward_batch.seq_lens[:bs] - 1,
+            extend_lens=torch.ones_like(forward_batch.seq_lens[:bs]),
+            seq_lens=forward_batch.seq_lens[:bs],
+            slot_commits=commits,
+            direct_pages=commits[:0],
+            direct_rows=commits[:0].view(0, g),
+            in_graph=True,
+        )
+
+    def init_forward_metadata_in_graph(self, forward_batch) -> None:
+        """Nothing to record: the static buffers are filled before every replay."""
+
+    # ------------------------------------------------------------------ per layer
+    def write_kv(self, k, v, layer, forward_batch, save_kv_cache: bool = True) -> int:
+        """Store one layer's new ``k, v [N, Hkv, D]`` and commit the pages they complete
+        (without attention); returns the pool's local layer index."""
         if not save_kv_cache:
             raise ValueError("KVarN needs every K/V write through the pool (save_kv_cache=True)")
         self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         local = layer.layer_id - self.pool.start_layer
         store, plan = self.pool.store, self.plan
-        store.commit_slots(local, plan.slot_commits)
+        store.commit_slots(local, plan.slot_commits, check_finite=not plan.in_graph)
         rows = plan.direct_rows
         store.commit(local, plan.direct_pages, k[rows], v[rows])
+        if layer.layer_id == self.pool.end_layer and not plan.in_graph:
+            store.defer_release(plan.slot_commits)
         return local
-
-    def _finish_layer(self, layer) -> None:
-        if layer.layer_id == self.pool.end_layer:
-            self.pool.store.release_slots(self.plan.slot_commits)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kw):
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         k, v = k.view(-1, hkv, d), v.view(-1, hkv, d)
-        local = self._write_and_commit(k, v, layer, forward_batch, save_kv_cache)
+        local = self.write_kv(k, v, layer, forward_batch, save_kv_cache)
         slot_dtype = self.pool.store.slot_k[local].dtype
         args = (
             q.view(-1, hq, d),
@@ -91,12 +155,11 @@ class KVarNAttnBackend(AttentionBackend):
             out = extend_attention(*args)
         else:
             out = ref_extend_attention(*args)
-        self._finish_layer(layer)
         return out.to(q.dtype).reshape(-1, hq * d)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kw):
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
-        local = self._write_and_commit(
+        local = self.write_kv(
             k.view(-1, hkv, d), v.view(-1, hkv, d), layer, forward_batch, save_kv_cache
         )
         args = (
@@ -113,7 +176,6 @@ class KVarNAttnBackend(AttentionBackend):
             out = decode_attention(*args)
         else:
             out = ref_decode_attention(*args)
-        self._finish_layer(layer)
         return out.to(q.dtype).reshape(-1, hq * d)
 
 

@@ -24,8 +24,9 @@ def kvarn_cell_bytes(fp16_cell_bytes: int, config: KVarNConfig, elem_bytes: int)
 
 
 def slot_pool_bytes(fp16_cell_bytes: int, config: KVarNConfig, num_slots: int) -> int:
-    """Bytes of ``num_slots`` fp16 pages over all layers and KV heads."""
-    return num_slots * config.page_size * fp16_cell_bytes
+    """Bytes of ``num_slots`` fp16 pages plus the scratch page (padding writes land there)
+    over all layers and KV heads."""
+    return (num_slots + 1) * config.page_size * fp16_cell_bytes
 
 
 def token_capacity(

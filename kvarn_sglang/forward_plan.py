@@ -12,8 +12,11 @@ once), in every layer, before that layer's attention reads them:
   straight from the new K/V (``direct_pages``, rows ``direct_rows`` of the pass's tokens);
   its own tokens read themselves from the new K/V as well;
 * every other page that receives tokens (the last, partial page; sink pages) needs a slot.
+  Such a page is new in this pass, so the allocator gives it its slot when it allocates it
+  (``slot_positions``).
 
-So a request holds at most ``sink_pages + 1`` slots between passes.
+So a request holds at most ``sink_pages + 1`` slots between passes. Planning reads only host
+lengths and gathers page ids on the device: no host synchronisation.
 """
 
 from __future__ import annotations
@@ -30,21 +33,53 @@ class ForwardPlan:
     Attributes:
         page_table: ``int64 [B, max_pages]`` page ids of each request, in order.
         prefix_lens, extend_lens, seq_lens: ``int64 [B]`` on the device.
-        slot_pages: ``int64 [K]`` pages that must hold an fp16 slot before the writes.
         slot_commits: ``int64 [M]`` completed non-sink pages committed from their slots
-            (released after the pass).
+            (their slots are released after the pass). In CUDA-graph replay the list is
+            padded with page 0, whose slot is the scratch slot.
         direct_pages: ``int64 [P]`` completed non-sink pages committed from the new tokens.
         direct_rows: ``int64 [P, G]`` rows of the pass's new tokens filling each of them.
+        in_graph: the pass is captured or replayed in a CUDA graph: slot releases were
+            already scheduled, and commits skip the NaN check (a host synchronisation).
     """
 
     page_table: torch.Tensor
     prefix_lens: torch.Tensor
     extend_lens: torch.Tensor
     seq_lens: torch.Tensor
-    slot_pages: torch.Tensor
     slot_commits: torch.Tensor
     direct_pages: torch.Tensor
     direct_rows: torch.Tensor
+    in_graph: bool = False
+
+
+def _check_lengths(prefix_lens: list[int], seq_lens: list[int]) -> None:
+    if len(prefix_lens) != len(seq_lens) or any(
+        not 0 <= p < s for p, s in zip(prefix_lens, seq_lens, strict=True)
+    ):
+        raise ValueError(f"Invalid lengths: prefix {prefix_lens}, seq {seq_lens}")
+
+
+def slot_positions(
+    prefix_lens: list[int], seq_lens: list[int], page_size: int, sink_pages: int
+) -> list[int]:
+    """Rows, among the pass's new tokens (requests concatenated), of the first token of
+    every page that needs a new fp16 slot: new pages that are sink pages or stay partial."""
+    _check_lengths(prefix_lens, seq_lens)
+    g, rows, row0 = page_size, [], 0
+    for p, s in zip(prefix_lens, seq_lens, strict=True):
+        for j in range(-(-p // g), (s - 1) // g + 1):
+            if j < sink_pages or (j + 1) * g > s:
+                rows.append(row0 + j * g - p)
+        row0 += s - p
+    return rows
+
+
+def page_table_of(
+    req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, max_pages: int, page_size: int
+) -> torch.Tensor:
+    """``int64 [B, max_pages]``: the page id of every page of each request's row."""
+    rows = req_to_token[req_pool_indices.long()]
+    return (rows[:, : max_pages * page_size : page_size].long() // page_size).contiguous()
 
 
 def build_plan(
@@ -62,42 +97,36 @@ def build_plan(
         req_pool_indices: ``int [B]`` rows of this batch.
         prefix_lens, seq_lens: host lists, tokens before and after this pass per request.
     """
+    _check_lengths(prefix_lens, seq_lens)
     g, dev = page_size, req_to_token.device
-    if len(prefix_lens) != len(seq_lens) or any(
-        not 0 <= p < s for p, s in zip(prefix_lens, seq_lens, strict=True)
-    ):
-        raise ValueError(f"Invalid lengths: prefix {prefix_lens}, seq {seq_lens}")
     max_pages = max((-(-s // g) for s in seq_lens), default=1)
-    rows = req_to_token[req_pool_indices.long()]
-    page_table = (rows[:, : max_pages * g : g].long() // g).contiguous()
-    table = page_table.tolist()
-    slot_pages, slot_commits, direct_pages, direct_rows = [], [], [], []
+    page_table = page_table_of(req_to_token, req_pool_indices, max_pages, g)
+    commit_at, direct_at, direct_rows = [], [], []  # (batch row, page index)
     row0 = 0
     for b, (p, s) in enumerate(zip(prefix_lens, seq_lens, strict=True)):
-        for j in range(p // g, (s - 1) // g + 1):
-            started_before = j * g < p
-            completed = (j + 1) * g <= s
-            if completed and j >= sink_pages:
-                if started_before:
-                    slot_pages.append(table[b][j])
-                    slot_commits.append(table[b][j])
-                else:
-                    direct_pages.append(table[b][j])
-                    direct_rows.append(range(row0 + j * g - p, row0 + (j + 1) * g - p))
+        for j in range(max(p // g, sink_pages), s // g):  # completed non-sink pages
+            if j * g < p:
+                commit_at.append((b, j))
             else:
-                slot_pages.append(table[b][j])
+                direct_at.append((b, j))
+                direct_rows.append(list(range(row0 + j * g - p, row0 + (j + 1) * g - p)))
         row0 += s - p
 
+    def pages(at: list[tuple[int, int]]) -> torch.Tensor:
+        if not at:
+            return torch.zeros(0, dtype=torch.long, device=dev)
+        idx = torch.tensor(at, dtype=torch.long).to(dev, non_blocking=True)
+        return page_table[idx[:, 0], idx[:, 1]]
+
     def as_dev(xs) -> torch.Tensor:
-        return torch.tensor(xs, dtype=torch.long, device=dev)
+        return torch.tensor(xs, dtype=torch.long).to(dev, non_blocking=True)
 
     return ForwardPlan(
         page_table=page_table,
         prefix_lens=as_dev(prefix_lens),
         extend_lens=as_dev([s - p for p, s in zip(prefix_lens, seq_lens, strict=True)]),
         seq_lens=as_dev(seq_lens),
-        slot_pages=as_dev(slot_pages),
-        slot_commits=as_dev(slot_commits),
-        direct_pages=as_dev(direct_pages),
-        direct_rows=as_dev([list(r) for r in direct_rows]).view(-1, g),
+        slot_commits=pages(commit_at),
+        direct_pages=pages(direct_at),
+        direct_rows=as_dev(direct_rows).view(-1, g),
     )

@@ -2,10 +2,22 @@
 
 A page id (SGLang's ``token_slot // page_size``) owns one packed record per layer and KV head
 in ``packed[layer]``; while it is filling, and for good if it is a sink page, it also owns an
-fp16 slot (``slot_k/slot_v[layer][slot]``, the same slot id in every layer). Slot lifetime
-follows page lifetime: a slot is taken when a page receives its first token, handed back
-when the page is committed (after the forward pass that filled it) or when the allocator
-frees the page. Page 0 is SGLang's padding page: writes to it are dropped.
+fp16 slot (``slot_k/slot_v[layer][slot]``, the same slot id in every layer).
+
+Slot lifetime follows page lifetime. The allocator gives a page its slot when it allocates the
+page (``assign_slots``, on the scheduler's side, before any kernel writes to it) and takes it
+back when it frees the page (``forget_pages``). A page committed in a forward pass hands its
+slot back after that pass (``defer_release``); the release is applied by the next
+``flush_released`` (every allocation and every pass starts with one), so the device work of a
+release is always queued after the pass that still read the slot.
+
+Page 0 is SGLang's padding page, and every page without a slot points at one extra *scratch*
+slot (index ``num_slots``): padded writes, and reads of padded rows, land there without a
+mask or a host synchronisation, which keeps the decode path capturable in a CUDA graph.
+
+Taking and releasing slots never synchronises with the device: the free slot ids live in a
+device stack whose height is tracked on the host. Only ``forget_pages`` (pages freed by the
+allocator, which may or may not hold a slot) reads one count back.
 
 Every byte here is allocated up front and counted in ``nbytes``.
 """
@@ -27,8 +39,9 @@ class PageStore:
 
     Attributes:
         packed: per layer ``uint8 [num_pages, H, page_bytes]``.
-        slot_k, slot_v: per layer ``[num_slots, G, H, D]`` in the model dtype.
-        page_slot: ``int64 [num_pages]``, the slot of a page or -1.
+        slot_k, slot_v: per layer ``[num_slots + 1, G, H, D]`` in the model dtype; the last
+            slot is the scratch slot.
+        page_slot: ``int64 [num_pages]``, the slot of a page, ``num_slots`` (scratch) if none.
         commits: ``int32 [num_pages]``, how often each page was quantized (layer 0 counts).
     """
 
@@ -45,94 +58,145 @@ class PageStore:
     ) -> None:
         if dtype not in (torch.float16, torch.bfloat16):
             raise TypeError(f"Unsupported dtype of the fp16 slot pool: {dtype} (fp16 or bf16)")
+        if num_slots < 1:
+            raise ValueError(f"Invalid num_slots {num_slots}: need at least one fp16 slot")
         g, d = config.page_size, config.head_dim
         self.config, self.num_pages, self.num_slots = config, num_pages, num_slots
+        self.scratch = num_slots
         self.packed = [
             torch.zeros(num_pages, head_num, config.page_bytes, dtype=torch.uint8, device=device)
             for _ in range(layer_num)
         ]
-        shape = (num_slots, g, head_num, d)
+        shape = (num_slots + 1, g, head_num, d)
         self.slot_k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layer_num)]
         self.slot_v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layer_num)]
-        self.page_slot = torch.full((num_pages,), -1, dtype=torch.int64, device=device)
+        self.page_slot = torch.full((num_pages,), num_slots, dtype=torch.int64, device=device)
         self.commits = torch.zeros(num_pages, dtype=torch.int32, device=device)
-        self._free_slots = list(range(num_slots - 1, -1, -1))
+        self._stack = torch.arange(num_slots, dtype=torch.int64, device=device)
+        self._top = num_slots
+        self._pending: list[torch.Tensor] = []
 
     @property
     def nbytes(self) -> int:
-        """Device bytes held: packed pages, fp16 slots and the page tables."""
+        """Device bytes held: packed pages, fp16 slots (scratch included) and page tables."""
         tensors = [*self.packed, *self.slot_k, *self.slot_v, self.page_slot, self.commits]
+        tensors.append(self._stack)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
     def free_slots(self) -> int:
-        return len(self._free_slots)
+        """Slots free once the releases of finished passes are applied."""
+        return self._top + sum(len(p) for p in self._pending)
+
+    def held_mask(self) -> torch.Tensor:
+        """``bool [num_pages]``: which pages hold an fp16 slot (after pending releases)."""
+        self.flush_released()
+        return self.page_slot != self.scratch
 
     def reset(self) -> None:
         """Forget every page (the allocator was cleared)."""
-        self.page_slot.fill_(-1)
+        self.page_slot.fill_(self.scratch)
         self.commits.zero_()
-        self._free_slots = list(range(self.num_slots - 1, -1, -1))
+        self._stack.copy_(torch.arange(self.num_slots, device=self._stack.device))
+        self._top = self.num_slots
+        self._pending.clear()
 
-    def take_slots(self, page_ids: torch.Tensor) -> None:
-        """Give every page in ``page_ids`` (page 0 ignored) an fp16 slot if it has none."""
-        pages = torch.unique(page_ids[page_ids > 0])
-        missing = pages[self.page_slot[pages] < 0].tolist()
-        if len(missing) > len(self._free_slots):
-            raise SlotPoolExhausted(
-                f"{len(missing)} pages need an fp16 slot but {len(self._free_slots)} of "
-                f"{self.num_slots} are free; raise --kvarn-slots or lower --max-running-requests"
-            )
-        if missing:
-            slots = [self._free_slots.pop() for _ in missing]
-            self.page_slot[torch.tensor(missing, device=self.page_slot.device)] = torch.tensor(
-                slots, device=self.page_slot.device
-            )
+    def assign_slots(self, page_ids: torch.Tensor) -> None:
+        """Give each of the distinct, slot-less pages ``page_ids [n]`` an fp16 slot.
 
-    def release_slots(self, page_ids: torch.Tensor) -> None:
-        """Hand back the slots of ``page_ids`` (pages without one are skipped)."""
-        if page_ids.numel() == 0:
+        The caller (the allocator) knows the pages are new; no device value is read back.
+        """
+        n = page_ids.numel()
+        if n == 0:
             return
-        pages = torch.unique(page_ids[page_ids > 0])
-        slots = self.page_slot[pages]
-        held = slots >= 0
-        self._free_slots.extend(slots[held].tolist())
-        self.page_slot[pages[held]] = -1
+        self.flush_released()
+        if n > self._top:
+            raise SlotPoolExhausted(
+                f"{n} pages need an fp16 slot but {self._top} of {self.num_slots} are free; "
+                f"raise --kvarn-slots or lower --max-running-requests"
+            )
+        self._top -= n
+        self.page_slot[page_ids] = self._stack[self._top : self._top + n]
+
+    def defer_release(self, page_ids: torch.Tensor) -> None:
+        """Hand back the slots of committed pages ``page_ids [m]`` (each holds one) after the
+        current pass; see ``flush_released``."""
+        if page_ids.numel():
+            self._pending.append(page_ids)
+
+    def flush_released(self) -> None:
+        """Apply deferred releases: their slots return to the free stack."""
+        for pages in self._pending:
+            m = pages.numel()
+            self._stack[self._top : self._top + m] = self.page_slot[pages]
+            self.page_slot[pages] = self.scratch
+            self._top += m
+        self._pending.clear()
 
     def forget_pages(self, page_ids: torch.Tensor) -> None:
-        """The allocator freed ``page_ids``: release their slots and commit counts."""
-        self.release_slots(page_ids)
-        self.commits[page_ids[page_ids > 0]] = 0
+        """The allocator freed ``page_ids``: release the slots they hold and their counts."""
+        if page_ids.numel() == 0:
+            return
+        self.flush_released()
+        pages = torch.unique(page_ids[page_ids > 0])
+        slots = self.page_slot[pages]
+        held = slots != self.scratch
+        slots = slots[held]
+        m = slots.numel()  # one host synchronisation: how many of the pages held a slot
+        self._stack[self._top : self._top + m] = slots
+        self._top += m
+        self.page_slot[pages] = self.scratch
+        self.commits[pages] = 0
 
     def write(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store tokens ``k, v [N, H, D]`` at token slots ``loc [N]`` into their pages' fp16
-        slots. Writes to page 0 (padding) are dropped."""
+        slots; tokens of pages without a slot (page 0, padding) land in the scratch slot."""
         g = self.config.page_size
-        page, offset = loc // g, loc % g
-        slot = self.page_slot[page]
-        keep = (page > 0) & (slot >= 0)
-        self.slot_k[layer][slot[keep], offset[keep]] = k[keep].to(self.slot_k[layer].dtype)
-        self.slot_v[layer][slot[keep], offset[keep]] = v[keep].to(self.slot_v[layer].dtype)
+        slot = self.page_slot[loc // g]
+        offset = loc % g
+        self.slot_k[layer][slot, offset] = k.to(self.slot_k[layer].dtype)
+        self.slot_v[layer][slot, offset] = v.to(self.slot_v[layer].dtype)
 
-    def commit_slots(self, layer: int, page_ids: torch.Tensor) -> None:
+    def commit_slots(
+        self, layer: int, page_ids: torch.Tensor, *, check_finite: bool = True
+    ) -> None:
         """Quantize the fp16 slots of full pages ``page_ids`` into their packed records.
         The slots stay held: the pages' own tokens still read them in this forward pass."""
         if page_ids.numel() == 0:
             return
         slots = self.page_slot[page_ids]
-        self.commit(layer, page_ids, self.slot_k[layer][slots], self.slot_v[layer][slots])
+        k, v = self.slot_k[layer][slots], self.slot_v[layer][slots]
+        self.commit(layer, page_ids, k, v, check_finite=check_finite)
 
-    def commit(self, layer: int, page_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Quantize full pages ``k, v [P, G, H, D]`` into the packed records of ``page_ids``."""
+    def commit(
+        self,
+        layer: int,
+        page_ids: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        check_finite: bool = True,
+    ) -> None:
+        """Quantize full pages ``k, v [P, G, H, D]`` into the packed records of ``page_ids``.
+
+        ``check_finite`` rejects NaN/Inf before anything is written (one host synchronisation
+        on CUDA; the CPU reference always checks). CUDA-graph replay passes False.
+        """
         if page_ids.numel() == 0:
             return
         k, v = k.to(self.slot_k[layer].dtype), v.to(self.slot_v[layer].dtype)
         if k.is_cuda:
             from kvarn_sglang.kernels.commit import commit_pages
 
-            commit_pages(k, v, self.config, self.packed[layer], page_ids)
+            commit_pages(
+                k, v, self.config, self.packed[layer], page_ids,
+                check_finite=check_finite, skip_row0=True,
+            )  # fmt: skip
         else:
-            self.packed[layer][page_ids] = quantize_pages(k, v, self.config)
+            keep = page_ids > 0  # page 0 pads the static commit list of graph decode
+            if keep.any():
+                records = quantize_pages(k[keep], v[keep], self.config)
+                self.packed[layer][page_ids[keep]] = records
         if layer == 0:
             self.commits[page_ids] += 1
 

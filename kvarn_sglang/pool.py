@@ -25,6 +25,7 @@ from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
 from kvarn_sglang.config import KVarNConfig
+from kvarn_sglang.forward_plan import slot_positions
 from kvarn_sglang.page_store import PageStore
 from kvarn_sglang.settings import KVarNSettings, active_settings
 
@@ -105,20 +106,106 @@ class KVarNTokenToKVPool(MHATokenToKVPool):
 
 
 class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
-    """SGLang's paged allocator that also releases a freed page's fp16 slot.
+    """SGLang's paged allocator that also manages the pool's fp16 slots.
 
-    Every free (request teardown, radix eviction, duplicate pages found on insert) reaches
-    ``_release_page_ids`` exactly once per page.
+    * Allocation gives every new page that needs a slot (a sink page, or one that stays
+      partial after the pass) its slot, so a forward pass never has to find one.
+    * When slots run short, it evicts least-recently-used radix-cache entries (freeing their
+      pages frees the slots of cached sink pages), exactly as SGLang evicts for its own pages:
+      through the tree cache that the scheduler hands to ``evict_to_free_tokens`` before
+      every allocation. If that is not enough the allocation fails (``None``) and the
+      decode capacity check says no, so SGLang makes requests wait or retracts them.
+    * Every free (request teardown, radix eviction, duplicate pages found on insert) reaches
+      ``_release_page_ids`` exactly once per page, which releases the page's slot.
     """
+
+    _tree_cache = None
+
+    def _store(self):
+        return getattr(self.get_kvcache(), "store", None)
+
+    def evict_to_free_tokens(self, tree_cache, num_tokens: int):
+        self._tree_cache = tree_cache
+        return super().evict_to_free_tokens(tree_cache, num_tokens)
+
+    def check_decode_capacity(self, *, num_tokens: int, tree_cache, requests=None, **kwargs):
+        fits = super().check_decode_capacity(
+            num_tokens=num_tokens, tree_cache=tree_cache, requests=requests, **kwargs
+        )
+        return self.make_slot_room(tree_cache, -(-num_tokens // self.page_size)) and fits
+
+    def make_slot_room(self, tree_cache, num_slots: int) -> bool:
+        """Evict unlocked radix-cache entries, least recently used first, until
+        ``num_slots`` fp16 slots are free; False if they cannot be."""
+        from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+        store = self._store()
+        if store is None:
+            return True
+        store.flush_released()
+        while store.free_slots < num_slots and tree_cache is not None:
+            if not tree_cache.supports_prefix_sharing():
+                break
+            if tree_cache.evict(EvictParams(num_tokens=self.page_size)).num_tokens_evicted == 0:
+                break
+        return store.free_slots >= num_slots
+
+    def _assign(self, out: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
+        if out is not None and rows:
+            index = torch.tensor(rows, dtype=torch.long).to(out.device, non_blocking=True)
+            self._store().assign_slots(out[index] // self.page_size)
+        return out
+
+    def alloc(self, need_size: int):
+        """Whole pages outside the extend/decode paths: each gets an fp16 slot, as any of
+        them may be written partially."""
+        store = self._store()
+        pages = -(-need_size // self.page_size)
+        if store is not None and not self.make_slot_room(self._tree_cache, pages):
+            return None
+        out = super().alloc(need_size)
+        return self._assign(out, list(range(0, need_size, self.page_size)))
+
+    def alloc_extend(
+        self, prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, last_loc, extend_num_tokens,
+        *args, **kwargs,
+    ):  # fmt: skip
+        store = self._store()
+        rows = []
+        if store is not None:
+            rows = slot_positions(
+                prefix_lens_cpu.tolist(), seq_lens_cpu.tolist(), self.page_size,
+                store.config.sink_pages,
+            )  # fmt: skip
+            if not self.make_slot_room(self._tree_cache, len(rows)):
+                return None
+        out = super().alloc_extend(
+            prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, last_loc, extend_num_tokens,
+            *args, **kwargs,
+        )  # fmt: skip
+        return self._assign(out, rows)
+
+    def alloc_decode(self, seq_lens, seq_lens_cpu, last_loc, *args, **kwargs):
+        store = self._store()
+        rows = []
+        if store is not None:
+            seq = seq_lens_cpu.tolist()
+            rows = slot_positions(
+                [s - 1 for s in seq], seq, self.page_size, store.config.sink_pages
+            )
+            if not self.make_slot_room(self._tree_cache, len(rows)):
+                return None
+        out = super().alloc_decode(seq_lens, seq_lens_cpu, last_loc, *args, **kwargs)
+        return self._assign(out, rows)
 
     def _release_page_ids(self, *page_ids: torch.Tensor) -> None:
         super()._release_page_ids(*page_ids)
-        store = getattr(self.get_kvcache(), "store", None)
+        store = self._store()
         if store is not None and page_ids:
             store.forget_pages(torch.cat([p.reshape(-1) for p in page_ids]))
 
     def clear(self) -> None:
         super().clear()
-        store = getattr(self.get_kvcache(), "store", None)
+        store = self._store()
         if store is not None:
             store.reset()

@@ -4,8 +4,9 @@
   ``--kv-cache kvarn`` parses by abbreviation) and an ``--attention-backend`` choice; adds
   ``--kvarn-preset``, ``--kvarn-sink-pages``, ``--kvarn-slots``.
 * ``ServerArgs.from_cli_args`` (AFTER): carries the flags as ``_kvarn_*`` attributes, selects
-  the ``kvarn`` attention backend, turns decode CUDA graphs off, and refuses unsupported
-  flags with one message each.
+  the ``kvarn`` attention backend, turns prefill CUDA graphs and overlap scheduling off and
+  decode CUDA graphs off unless ``--cuda-graph-backend-decode full`` asks for them, and
+  refuses unsupported flags with one message each.
 * ``ServerArgs.resolve_once`` (AFTER): refuses unsupported models (needs the model config).
 """
 
@@ -73,10 +74,15 @@ def refuse_flags(args) -> None:
         if getattr(args, name, None) not in (None, KV_CACHE_CHOICE):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"--kv-cache kvarn needs {flag} kvarn (or leave it unset)")
-    if getattr(args, "cuda_graph_backend_decode", None) not in (None, "disabled"):
+    if getattr(args, "cuda_graph_backend_decode", None) not in (None, "disabled", "full"):
         raise ValueError(
-            "--kv-cache kvarn does not support CUDA graphs yet: use "
-            "--cuda-graph-backend-decode disabled (the default with KVarN)"
+            "--kv-cache kvarn captures decode as a full CUDA graph only: use "
+            "--cuda-graph-backend-decode full or disabled (the default with KVarN)"
+        )
+    if getattr(args, "cuda_graph_backend_prefill", None) not in (None, "disabled"):
+        raise ValueError(
+            "--kv-cache kvarn does not support prefill CUDA graphs: use "
+            "--cuda-graph-backend-prefill disabled (the default with KVarN)"
         )
 
 
@@ -88,7 +94,13 @@ def after_from_cli_args(result, cls, args):
     result._kvarn_sink_pages = args.kvarn_sink_pages
     result._kvarn_slots = args.kvarn_slots
     result.attention_backend = KV_CACHE_CHOICE
-    result.cuda_graph_backend_decode = "disabled"
+    # Decode CUDA graphs are opt-in (--cuda-graph-backend-decode full) until run on a GPU.
+    if getattr(args, "cuda_graph_backend_decode", None) is None:
+        result.cuda_graph_backend_decode = "disabled"
+    result.cuda_graph_backend_prefill = "disabled"
+    # Slot bookkeeping runs on the scheduler's stream between passes; overlap scheduling
+    # would run it beside the previous pass on another stream.
+    result.disable_overlap_schedule = True
     if result.max_running_requests is None:
         result.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
     return result

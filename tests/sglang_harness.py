@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
@@ -103,12 +103,11 @@ class SimServer:
         self.req_pool.write((rows[0], slice(0, cached)), idx.to(torch.int32))
         return SimRequest(tokens, rows[0], cached, m.last_device_node, cached)
 
-    def _alloc(self, fn, *args):
-        out = fn(*args)
-        if out is None:
-            self.tree.evict(EvictParams(num_tokens=4 * self.g))
-            out = fn(*args)
-        return out
+    def _alloc(self, fn, num_tokens: int, *args):
+        """Allocate the way SGLang's scheduler does: evict for ``num_tokens`` (its
+        conservative demand) through the allocator, then allocate; None if out of memory."""
+        self.alloc.evict_to_free_tokens(self.tree, num_tokens)
+        return fn(*args)
 
     def extend(self, reqs: list[SimRequest], counts: list[int]) -> bool:
         """One extend pass over ``reqs``, ``counts[i]`` new tokens each. False if out of KV."""
@@ -119,8 +118,9 @@ class SimServer:
             for r, p in zip(reqs, pre, strict=True)
         ]
         loc = self._alloc(
-            self.alloc.alloc_extend, torch.tensor(pre), torch.tensor(pre), torch.tensor(seq),
-            torch.tensor(seq), torch.tensor(last), sum(counts),
+            self.alloc.alloc_extend, sum(counts) + len(reqs) * self.g,
+            torch.tensor(pre), torch.tensor(pre), torch.tensor(seq), torch.tensor(seq),
+            torch.tensor(last), sum(counts),
         )  # fmt: skip
         if loc is None:
             return False
@@ -131,15 +131,23 @@ class SimServer:
         self._forward(reqs, pre, seq, loc, decode=False)
         return True
 
-    def decode(self, reqs: list[SimRequest]) -> bool:
+    def decode(self, reqs: list[SimRequest], graph_bs: int | None = None) -> bool:
+        """One decode step. With ``graph_bs``, run it the way a CUDA-graph replay does: the
+        batch padded to ``graph_bs`` rows and the metadata from ``init_forward_metadata_out_graph``
+        (the first call sets up the static buffers)."""
         seq = [r.kv_len + 1 for r in reqs]
         last = torch.tensor([int(self.req_pool.req_to_token[r.row, r.kv_len - 1]) for r in reqs])
-        loc = self._alloc(self.alloc.alloc_decode, torch.tensor(seq), torch.tensor(seq), last)
+        loc = self._alloc(
+            self.alloc.alloc_decode, len(reqs) * self.g, torch.tensor(seq), torch.tensor(seq), last
+        )
         if loc is None:
             return False
         for r, s, slot in zip(reqs, seq, loc.tolist(), strict=True):
             self.req_pool.req_to_token[r.row, s - 1] = slot
-        self._forward(reqs, [s - 1 for s in seq], seq, loc, decode=True)
+        if graph_bs is None:
+            self._forward(reqs, [s - 1 for s in seq], seq, loc, decode=True)
+        else:
+            self._forward_graph(reqs, seq, loc, graph_bs)
         return True
 
     def _forward(self, reqs, pre, seq, loc, decode: bool) -> None:
@@ -161,6 +169,33 @@ class SimServer:
                 for i in range(s - p):
                     r.outputs.setdefault(p + i, []).append(out[start + i].float())
                 start += s - p
+        for r, s in zip(reqs, seq, strict=True):
+            r.kv_len = s
+
+    def _forward_graph(self, reqs, seq, loc, bs: int) -> None:
+        pad = bs - len(reqs)
+        fb = SimpleNamespace(
+            forward_mode=_Mode(True), batch_size=bs, num_padding=pad,
+            seq_lens=torch.tensor(seq + [1] * pad), seq_lens_cpu=torch.tensor(seq + [1] * pad),
+            req_pool_indices=torch.tensor([r.row for r in reqs] + [0] * pad),
+            out_cache_loc=torch.cat([loc, torch.zeros(pad, dtype=loc.dtype)]),
+        )  # fmt: skip
+        if self.backend.graph_page_table is None:
+            self.backend.init_cuda_graph_state(max_bs=bs, max_num_tokens=bs)
+        self.backend.init_forward_metadata_out_graph(fb)
+        self.backend.init_forward_metadata_in_graph(fb)
+        for layer in self.layers:
+            parts = [
+                self.qkv(layer.layer_id, r.tokens[s - 1 : s], s - 1)
+                for r, s in zip(reqs, seq, strict=True)
+            ]
+            q, k, v = (torch.cat([x[i] for x in parts]) for i in range(3))
+            noise = torch.randn(pad, *q.shape[1:]) * 1e3  # padding rows carry garbage
+            q, k, v = (torch.cat([x, noise[:, : x.shape[1]]]) for x in (q, k, v))
+            out = self.backend.forward_decode(q.reshape(bs, -1), k, v, layer, fb)
+            out = out.view(bs, self.hq, self.d)
+            for i, (r, s) in enumerate(zip(reqs, seq, strict=True)):
+                r.outputs.setdefault(s - 1, []).append(out[i].float())
         for r, s in zip(reqs, seq, strict=True):
             r.kv_len = s
 

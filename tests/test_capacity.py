@@ -22,7 +22,7 @@ def test_llama3_8b_holds_4_4x_the_tokens_of_fp16_in_40gb_with_64_running_request
     slots = default_num_slots(64, cfg.sink_pages)
     tokens = token_capacity(budget, FP16_CELL, cfg, 2, slots)
     assert kvarn_cell_bytes(FP16_CELL, cfg, 2) == 32 * 8 * 108
-    assert slot_pool_bytes(FP16_CELL, cfg, slots) == slots * 128 * FP16_CELL
+    assert slot_pool_bytes(FP16_CELL, cfg, slots) == (slots + 1) * 128 * FP16_CELL  # + scratch
     assert tokens / fp16_tokens >= 4.4  # 4.74x before the slot pool
     assert tokens / fp16_tokens < 512 / 108
 
@@ -33,8 +33,8 @@ def test_pool_reports_the_bytes_it_allocated():
         64 * 10, 64, torch.float16, 2, 64, 3, "cpu", False, kvarn_config=cfg, num_slots=5
     )
     packed = 3 * 11 * 2 * cfg.page_bytes  # layers x (pages + padding page) x heads x record
-    slots = 2 * 3 * 5 * 64 * 2 * 64 * 2  # K and V x layers x slots x G x heads x D x fp16
-    tables = 11 * 8 + 11 * 4  # page_slot int64 + commit counters int32
+    slots = 2 * 3 * (5 + 1) * 64 * 2 * 64 * 2  # K, V x layers x (slots + scratch) x G x H x D
+    tables = 11 * 8 + 11 * 4 + 5 * 8  # page_slot int64, commit counters int32, free-slot stack
     assert sum(pool.get_kv_size_bytes()) == packed + slots + tables
     assert pool.store.nbytes == packed + slots + tables
 

@@ -60,6 +60,14 @@ def test_kv_cache_kvarn_selects_the_kvarn_configuration(prepare):
     assert resolution_result(sa, "attention_backend") == "kvarn"
 
 
+def test_decode_cuda_graphs_are_opt_in_and_overlap_scheduling_is_off(prepare):
+    sa = prepare("--kv-cache", "kvarn", "--page-size", "128")
+    assert sa.cuda_graph_backend_decode == "disabled" and sa.disable_overlap_schedule
+    assert sa.cuda_graph_backend_prefill == "disabled"
+    sa = prepare("--kv-cache", "kvarn", "--page-size", "128", "--cuda-graph-backend-decode", "full")
+    assert sa.cuda_graph_backend_decode == "full"
+
+
 def test_kvarn_flags_are_real(prepare):
     sa = prepare("--kv-cache", "kvarn", "--page-size", "64", "--kvarn-preset", "k4v4_g64",
                  "--kvarn-sink-pages", "2", "--kvarn-slots", "300")  # fmt: skip
@@ -91,10 +99,20 @@ def test_without_kvarn_nothing_changes(prepare):
             ["--page-size", "128", "--attention-backend", "triton"],
             "needs --attention-backend kvarn",
         ),
-        (["--page-size", "128", "--cuda-graph-backend-decode", "full"], "CUDA graphs"),
+        (["--page-size", "128", "--cuda-graph-backend-decode", "breakable"], "full CUDA graph"),
+        (["--page-size", "128", "--cuda-graph-backend-prefill", "full"], "prefill CUDA graphs"),
         (["--page-size", "128", "--enable-torch-compile"], "remove --enable-torch-compile"),
     ],
-    ids=["page_size", "speculative", "hicache", "pd", "backend", "cuda_graph", "compile"],
+    ids=[
+        "page_size",
+        "speculative",
+        "hicache",
+        "pd",
+        "backend",
+        "graph_breakable",
+        "graph_prefill",
+        "compile",
+    ],
 )
 def test_startup_refuses_unsupported_flags(prepare, flags, message):
     with pytest.raises(ValueError, match=message):
@@ -184,7 +202,7 @@ def test_kv_dtype_and_capacity_hooks_count_real_bytes(kvarn_active):
     fp16_cell = 32 * 8 * 256 * 2  # Llama-3-8B
     assert pool_configurator.after_compute_cell_size(fp16_cell, conf, kvc, 32) == 32 * 8 * 108
     pool_configurator.after_init(None, conf, kvc)
-    assert conf._fixed_overhead_bytes == kvarn_active.num_slots * 128 * fp16_cell
+    assert conf._fixed_overhead_bytes == (kvarn_active.num_slots + 1) * 128 * fp16_cell
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def test_cold_request_in_chunks_and_decode_matches_the_dense_spec():
     store = server.pool.store
     pages = server.req_pool.req_to_token[req.row, : req.kv_len : G].long() // G
     assert store.commits[pages].tolist() == [0, 1, 0]  # sink fp16, page 1 packed, tail fp16
-    assert (store.page_slot[pages] >= 0).tolist() == [True, False, True]
+    assert store.held_mask()[pages].tolist() == [True, False, True]
 
 
 def test_prefix_hit_computes_what_a_miss_computes_and_quantizes_shared_pages_once():
@@ -96,13 +96,13 @@ def _assert_accounting(server: SimServer, running) -> None:
         pages = (server.req_pool.req_to_token[r.row, : r.kv_len : G].long() // G).tolist()
         allowed |= set(pages[: CFG.sink_pages]) | set(pages[-1:])
     store = server.pool.store
-    holders = set((store.page_slot >= 0).nonzero().flatten().tolist())
+    holders = set(store.held_mask().nonzero().flatten().tolist())
     assert holders <= allowed, f"slots held by {sorted(holders - allowed)}"
     assert store.free_slots + len(holders) == store.num_slots
     for page in tree_pages - sinks:
         assert store.commits[page] == 1, f"tree page {page} quantized {int(store.commits[page])}x"
     for page in sinks:
-        assert store.commits[page] == 0 and store.page_slot[page] >= 0
+        assert store.commits[page] == 0 and store.held_mask()[page]
 
 
 def test_random_operations_leave_no_leak_and_stay_exact():
@@ -150,7 +150,7 @@ def test_random_operations_leave_no_leak_and_stay_exact():
     server.tree.evict(EvictParams(num_tokens=10**6))
     assert server.alloc.available_size() == 40 * G
     assert server.pool.store.free_slots == server.pool.store.num_slots
-    assert (server.pool.store.page_slot == -1).all()
+    assert not server.pool.store.held_mask().any()
 
 
 if __name__ == "__main__":

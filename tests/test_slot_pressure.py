@@ -1,0 +1,95 @@
+"""fp16 slot pressure handled the way SGLang handles its own pool: cached sink pages give
+their slots back through least-recently-used radix eviction; when running requests hold
+every slot, allocation fails cleanly (SGLang waits) and the decode check says no (SGLang
+retracts). Nothing cached or running is touched by a failed allocation."""
+
+from __future__ import annotations
+
+from array import array
+
+import pytest
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+from sglang.srt.mem_cache.radix_cache import RadixKey
+from sglang_harness import SimServer
+
+from kvarn_sglang.config import KVarNConfig
+
+G = 64
+CFG = KVarNConfig(k_bits=4, v_bits=2, page_size=G, head_dim=64, sink_pages=1)
+
+
+def _cached_tokens(server: SimServer, tokens: list[int]) -> int:
+    key = RadixKey(array("q", tokens))
+    return server.tree.match_prefix(MatchPrefixParams(key=key)).device_prefix_len
+
+
+def _serve(server: SimServer, tokens: list[int]):
+    req = server.start(tokens)
+    assert server.extend([req], [len(tokens) - req.cached_len])
+    return req
+
+
+def test_cached_sink_slots_are_reclaimed_by_evicting_the_least_recently_used_prefix():
+    server = SimServer(CFG, num_pages=40, num_slots=4)
+    prompts = [[p] * (2 * G) for p in range(4)]  # whole pages: only the sink holds a slot
+    for tokens in prompts:
+        server.finish(_serve(server, tokens))
+    store = server.pool.store
+    assert store.free_slots == 0  # four cached prefixes, each holding its fp16 sink page
+    _cached_tokens(server, prompts[0])  # touch prompt 0: prompt 1 is now the oldest
+    fresh = _serve(server, [9] * (G + 3))  # needs a sink slot and a tail slot
+    for layer in range(len(server.layers)):
+        want = server.expected(fresh.tokens, layer)
+        for pos, outs in fresh.outputs.items():
+            torch.testing.assert_close(outs[layer], want[pos], atol=2e-3, rtol=2e-3)
+    assert _cached_tokens(server, prompts[1]) == 0, "the least recently used prefixes go first"
+    assert _cached_tokens(server, prompts[2]) == 0
+    assert _cached_tokens(server, prompts[0]) == 2 * G
+    assert _cached_tokens(server, prompts[3]) == 2 * G
+
+
+def test_allocation_fails_cleanly_when_running_requests_hold_every_slot():
+    server = SimServer(CFG, num_pages=40, num_slots=4)
+    running = [_serve(server, [p] * (G + 5)) for p in range(2)]  # 2 slots each
+    store, alloc = server.pool.store, server.alloc
+    before = (store.free_slots, alloc.available_size(), store.page_slot.clone())
+    late = server.start([7] * 10)
+    assert not server.extend([late], [10])  # out of memory: SGLang keeps it waiting
+    assert (store.free_slots, alloc.available_size()) == before[:2]
+    assert torch.equal(store.page_slot, before[2])
+    server.abort(late)
+    for r in running:  # the running requests are intact
+        for layer in range(len(server.layers)):
+            want = server.expected(r.tokens, layer)
+            for pos, outs in r.outputs.items():
+                torch.testing.assert_close(outs[layer], want[pos], atol=2e-3, rtol=2e-3)
+
+
+def test_decode_capacity_check_counts_fp16_slots():
+    server = SimServer(CFG, num_pages=40, num_slots=4)
+    a = _serve(server, [1] * (2 * G))  # full pages only: holds its sink slot
+    b = _serve(server, [2] * (G + 5))  # sink + tail
+    alloc = server.alloc
+    assert server.pool.store.free_slots == 1
+    assert alloc.check_decode_capacity(num_tokens=G, tree_cache=server.tree)  # a new page
+    assert not alloc.check_decode_capacity(num_tokens=2 * G, tree_cache=server.tree)
+    a.tokens.append(3)
+    assert server.decode([a])  # a's next token starts a page and takes the free slot
+    b.tokens.append(4)
+    assert server.decode([b])  # b's tail page has its slot already
+    assert server.pool.store.free_slots == 0
+
+
+def test_assign_slots_rejects_more_pages_than_free_slots():
+    server = SimServer(CFG, num_pages=40, num_slots=3)
+    req = server.start([5] * (3 * G + 1))
+    assert server.extend([req], [3 * G + 1])  # sink + tail slots, two pages direct
+    assert server.pool.store.free_slots == 1
+    store = server.pool.store
+    with pytest.raises(Exception, match="fp16 slot"):
+        store.assign_slots(torch.tensor([30, 31]))
+
+
+if __name__ == "__main__":
+    test_cached_sink_slots_are_reclaimed_by_evicting_the_least_recently_used_prefix()
