@@ -64,6 +64,9 @@ class _CountingRadixCache(RadixCache):
 
     evicted = 0
 
+    def pretty_print(self) -> None:  # SGLang prints the tree on a failed allocation
+        pass
+
     def evict(self, params):
         result = super().evict(params)
         self.evicted += result.num_tokens_evicted
@@ -164,7 +167,8 @@ class Server:
                 "requests", "prompt_tokens", "hit_tokens", "reprefilled_tokens",
                 "prefill_tokens", "prefill_passes", "decode_steps", "decode_batch_sum",
                 "retractions", "retracted_tokens", "peak_running_branches",
-                "duplicate_pages_freed", "pages_quantized", "pages_completed", "slot_peak",
+                "duplicate_pages_freed", "prefill_alloc_failures", "pages_quantized",
+                "pages_completed", "slot_peak",
             ),
             0,
         )  # fmt: skip
@@ -197,8 +201,9 @@ class Server:
         self.waiting.extend(_req(s) for s in roots)
         while self.waiting or self.running:
             batch = self._admit()
+            if batch and not self._extend(batch):
+                batch = []
             if batch:
-                self._extend(batch)
                 for r in batch:
                     if r.out_len >= r.gen_len:
                         self._finish(r)
@@ -236,15 +241,11 @@ class Server:
             reserved += need
             budget -= extend
             batch.append(r)
-            known = self.shadow.match_prefix(MatchPrefixParams(key=key)).device_prefix_len
-            s = self.stats
-            s["requests"] += 1
-            s["prompt_tokens"] += r.prompt_len
-            s["hit_tokens"] += prefix
-            s["reprefilled_tokens"] += max(0, known - prefix)
         return batch
 
-    def _extend(self, batch: list[Req]) -> None:
+    def _extend(self, batch: list[Req]) -> bool:
+        """One prefill pass; False (and the batch back at the head of the queue) when the
+        allocator refuses (KVarN: not enough fp16 slots even after eviction)."""
         rows = self.req_pool.alloc_rows(len(batch))
         table = self.req_pool.req_to_token
         last = []
@@ -257,12 +258,27 @@ class Server:
         pre = torch.tensor([r.prefix for r in batch])
         seq = torch.tensor([r.prompt_len for r in batch])
         total = int((seq - pre).sum())
-        if self.ps == 1:
-            loc = alloc_token_slots(self.tree, total)
-        else:
-            loc = alloc_paged_token_slots_extend(
-                self.tree, pre, pre, seq, seq, torch.tensor(last), total
-            )
+        try:
+            if self.ps == 1:
+                loc = alloc_token_slots(self.tree, total)
+            else:
+                loc = alloc_paged_token_slots_extend(
+                    self.tree, pre, pre, seq, seq, torch.tensor(last), total
+                )
+        except RuntimeError:  # SGLang's "Prefill out of memory"
+            for r in reversed(batch):
+                self._free_row(r)
+                self.waiting.appendleft(r)
+            self.stats["prefill_alloc_failures"] += 1
+            return False
+        s = self.stats
+        for r in batch:
+            key = RadixKey(r.tokens[: r.prompt_len - 1])
+            known = self.shadow.match_prefix(MatchPrefixParams(key=key)).device_prefix_len
+            s["requests"] += 1
+            s["prompt_tokens"] += r.prompt_len
+            s["hit_tokens"] += r.prefix
+            s["reprefilled_tokens"] += max(0, known - r.prefix)
         start = 0
         for r in batch:
             n = r.prompt_len - r.prefix
@@ -273,6 +289,7 @@ class Server:
             r.kv_len, r.out_len = r.prompt_len, min(1, r.gen_len)
         self.stats["prefill_passes"] += 1
         self.stats["prefill_tokens"] += total
+        return True
 
     def _decode(self) -> None:
         order = sorted(self.running, key=lambda r: (r.out_len, -r.prompt_len), reverse=True)
@@ -370,7 +387,7 @@ def check_no_leak(server: Server) -> None:
         if pages is not None:
             rest = torch.tensor(sorted(set(pages.tolist()) - sinks), dtype=torch.long)
             assert bool((store.commits[rest] == 1).all()), "a tree page not quantized once"
-        held = set((store.page_slot >= 0).nonzero().flatten().tolist())
+        held = set(store.held_mask().nonzero().flatten().tolist())
         assert held == sinks, f"slots held by {sorted(held - sinks)} besides sinks"
     tree.evict(EvictParams(num_tokens=cap))
     assert alloc.available_size() == cap, "pages leaked after evicting the tree"
