@@ -43,7 +43,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workloads", default="agentic,chat,docqa")
     p.add_argument("--pools", default=DEFAULT_POOLS)
-    p.add_argument("--tasks", type=int, default=None, help="per workload (default 32, 64, 16)")
+    p.add_argument("--tasks", type=int, default=None, help="per workload (default 128, 256, 48)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
@@ -101,11 +101,12 @@ def run_one(args, workload, pool_name: str, shape: ModelShape) -> dict:
 
 def _table(rows: list[dict]) -> str:
     head = (
-        "| workload | pool | B/token | tokens | x fp16 | peak branches | hit % | re-prefilled | "
+        "| workload | pool | B/token | tokens | x fp16 | peak branches | mean batch | hit % | "
+        "re-prefilled | "
         "evicted | retracted | decode steps | pages quantized / full | slot peak / slots | "
         "B/resident token |"
     )
-    out = [head, "|" + "---|" * 14]
+    out = [head, "|" + "---|" * 15]
     base = {r["workload"]: r["token_capacity"] for r in rows if r["pool"] == "fp16"}
     for r in rows:
         ratio = r["token_capacity"] / base[r["workload"]] if r["workload"] in base else 0
@@ -113,6 +114,7 @@ def _table(rows: list[dict]) -> str:
         out.append(
             f"| {r['workload']} | {r['pool']} | {r['bytes_per_token']:,} | "
             f"{r['token_capacity']:,} | {ratio:.2f}x | {r['peak_running_branches']} | "
+            f"{r['mean_decode_batch']:.1f} | "
             f"{100 * r['hit_rate']:.1f} | {r['reprefilled_tokens']:,} | {r['evicted_tokens']:,} | "
             f"{r['retractions']} | {r['decode_steps']:,} | "
             + (f"{r['pages_quantized']:,} / {r['pages_completed']:,}" if kv else "-")
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     torch.set_num_threads(1)
     shape = ModelShape(args.layers, args.kv_heads, args.head_dim)
-    default_tasks = {"agentic": 32, "chat": 64, "docqa": 16}
+    default_tasks = {"agentic": 128, "chat": 256, "docqa": 48}
     rows, workloads = [], []
     for wname in args.workloads.split(","):
         workload = make_workload(wname, args.tasks or default_tasks[wname], args.seed)
