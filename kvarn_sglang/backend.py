@@ -149,7 +149,7 @@ class KVarNAttnBackend(AttentionBackend):
             self.config,
             layer.scaling,
         )
-        if q.is_cuda:
+        if self.pool.store.use_kernels:
             from kvarn_sglang.kernels.extend import extend_attention
 
             out = extend_attention(*args)
@@ -170,7 +170,7 @@ class KVarNAttnBackend(AttentionBackend):
             self.config,
             layer.scaling,
         )
-        if q.is_cuda:
+        if self.pool.store.use_kernels:
             from kvarn_sglang.kernels.decode import decode_attention
 
             out = decode_attention(*args)

@@ -78,8 +78,8 @@ def page_table_of(
     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, max_pages: int, page_size: int
 ) -> torch.Tensor:
     """``int64 [B, max_pages]``: the page id of every page of each request's row."""
-    rows = req_to_token[req_pool_indices.long()]
-    return (rows[:, : max_pages * page_size : page_size].long() // page_size).contiguous()
+    first_tokens = req_to_token[:, : max_pages * page_size : page_size]  # a view
+    return first_tokens[req_pool_indices.long()].long() // page_size
 
 
 def build_plan(

@@ -43,6 +43,9 @@ class PageStore:
             slot is the scratch slot.
         page_slot: ``int64 [num_pages]``, the slot of a page, ``num_slots`` (scratch) if none.
         commits: ``int32 [num_pages]``, how often each page was quantized (layer 0 counts).
+        use_kernels: commit (and, in the backend, attend) with the Triton kernels; True on
+            CUDA, the torch reference otherwise (tests set it on CPU to run the kernels in
+            Triton's interpreter).
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class PageStore:
         self._stack = torch.arange(num_slots, dtype=torch.int64, device=device)
         self._top = num_slots
         self._pending: list[torch.Tensor] = []
+        self.use_kernels = torch.device(device).type == "cuda"
 
     @property
     def nbytes(self) -> int:
@@ -185,7 +189,7 @@ class PageStore:
         if page_ids.numel() == 0:
             return
         k, v = k.to(self.slot_k[layer].dtype), v.to(self.slot_v[layer].dtype)
-        if k.is_cuda:
+        if self.use_kernels:
             from kvarn_sglang.kernels.commit import commit_pages
 
             commit_pages(

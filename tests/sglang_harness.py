@@ -18,6 +18,8 @@ from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixPara
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+from sglang.srt.mem_cache.unified_cache.components import ComponentType
+from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 from kvarn_sglang.backend import KVarNAttnBackend
 from kvarn_sglang.config import KVarNConfig
@@ -40,11 +42,15 @@ class SimRequest:
     cached_len: int
     node: object
     kv_len: int
+    lock: object = None  # the unified tree's lock receipt
     outputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # position -> per layer
 
 
 class SimServer:
-    def __init__(self, cfg: KVarNConfig, *, num_pages=48, num_slots=32, layers=2, hkv=2, group=2):
+    def __init__(
+        self, cfg: KVarNConfig, *, num_pages=48, num_slots=32, layers=2, hkv=2, group=2,
+        tree: str = "radix",
+    ):  # fmt: skip
         g, d = cfg.page_size, cfg.head_dim
         self.cfg, self.g, self.d, self.hkv, self.hq = cfg, g, d, hkv, hkv * group
         self.req_pool = ReqToTokenPool(
@@ -58,12 +64,17 @@ class SimServer:
         self.alloc = KVarNPagedAllocator(
             size, g, torch.float16, "cpu", kvcache=self.pool, need_sort=False
         )
-        self.tree = RadixCache(
-            CacheInitParams(
-                disable=False, req_to_token_pool=self.req_pool,
-                token_to_kv_pool_allocator=self.alloc, page_size=g,
-            )
+        params = CacheInitParams(
+            disable=False, req_to_token_pool=self.req_pool, token_to_kv_pool_allocator=self.alloc,
+            page_size=g,
         )  # fmt: skip
+        if tree == "unified":  # SGLang's default tree cache
+            params.tree_components = (ComponentType.FULL,)
+            self.tree = UnifiedRadixCache(params)
+        elif tree == "radix":
+            self.tree = RadixCache(params)
+        else:
+            raise ValueError(f"Unsupported tree {tree!r}: expected 'radix' or 'unified'")
         runner = SimpleNamespace(token_to_kv_pool=self.pool, req_to_token_pool=self.req_pool)
         self.backend = KVarNAttnBackend(runner)
         self.layers = [
@@ -98,10 +109,10 @@ class SimServer:
         rows = self.req_pool.alloc_rows(1)
         if rows is None:
             return None
-        self.tree.inc_lock_ref(m.last_device_node)
+        lock = self.tree.inc_lock_ref(m.last_device_node)
         idx = self.tree.path_device_indices(m.last_device_node)[:cached]
         self.req_pool.write((rows[0], slice(0, cached)), idx.to(torch.int32))
-        return SimRequest(tokens, rows[0], cached, m.last_device_node, cached)
+        return SimRequest(tokens, rows[0], cached, m.last_device_node, cached, lock)
 
     def _alloc(self, fn, num_tokens: int, *args):
         """Allocate the way SGLang's scheduler does: evict for ``num_tokens`` (its
@@ -203,20 +214,30 @@ class SimServer:
         """Insert the request's full pages into the tree and free the rest."""
         idx = self.req_pool.req_to_token[r.row, : r.kv_len].long().clone()
         aligned = r.kv_len // self.g * self.g
-        res = self.tree.insert(
-            InsertParams(key=RadixKey(array("q", r.tokens[:aligned])), value=idx[:aligned].clone())
-        )
-        if res.prefix_len > r.cached_len:  # pages the tree already had: ours are duplicates
-            self.alloc.free(idx[r.cached_len : res.prefix_len])
+        key = RadixKey(array("q", r.tokens[:aligned]))
+        if isinstance(self.tree, UnifiedRadixCache):  # frees our duplicate pages itself
+            self.tree.insert(
+                InsertParams(key=key, value=idx[:aligned].clone(), prev_prefix_len=r.cached_len)
+            )
+        else:
+            res = self.tree.insert(InsertParams(key=key, value=idx[:aligned].clone()))
+            if res.prefix_len > r.cached_len:  # pages the tree already had: ours are duplicates
+                self.alloc.free(idx[r.cached_len : res.prefix_len])
         if r.kv_len > aligned:
             self.alloc.free(idx[aligned:])
-        self.tree.dec_lock_ref(r.node)
+        self._unlock(r)
         self.req_pool.free_rows([r.row])
+
+    def _unlock(self, r: SimRequest) -> None:
+        if isinstance(self.tree, UnifiedRadixCache):
+            self.tree.dec_lock_ref(r.node, r.lock.to_dec_params())
+        else:
+            self.tree.dec_lock_ref(r.node)
 
     def abort(self, r: SimRequest) -> None:
         """Drop a request without caching anything it computed."""
         idx = self.req_pool.req_to_token[r.row, r.cached_len : r.kv_len].long()
         if len(idx):
             self.alloc.free(idx)
-        self.tree.dec_lock_ref(r.node)
+        self._unlock(r)
         self.req_pool.free_rows([r.row])

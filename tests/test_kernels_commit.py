@@ -65,6 +65,20 @@ def test_commit_writes_only_the_indexed_records():
     assert torch.isfinite(kd).all()
 
 
+def test_commit_skips_row_zero_entries_of_a_padded_commit_list():
+    cfg = KVarNConfig(k_bits=4, v_bits=2, page_size=64, head_dim=64)
+    k, v = kv_like(3, 64, 1, 64, dtype=torch.float16)
+    k[1] = float("nan")  # a padding entry reads garbage; skipped without a NaN check
+    store = torch.full((5, 1, cfg.page_bytes), 7, dtype=torch.uint8, device=device())
+    index = torch.tensor([3, 0, 2], device=device())
+    commit_pages(
+        k.to(device()), v.to(device()), cfg, store, index, check_finite=False, skip_row0=True
+    )
+    store = store.cpu()
+    _compare(store[[3, 2]], ref_commit_pages(k[[0, 2]], v[[0, 2]], cfg), cfg)
+    assert (store[[0, 1, 4]] == 7).all()
+
+
 def test_commit_rejects_non_finite_input_without_writing():
     cfg = KVarNConfig(k_bits=4, v_bits=2, page_size=64, head_dim=64)
     k, v = kv_like(2, 64, 1, 64, dtype=torch.float16)

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+from sglang.srt.mem_cache.radix_cache import RadixCache
 from sglang_harness import SimServer
 
 from kvarn_sglang.config import KVarNConfig
@@ -77,36 +78,49 @@ def test_batched_extend_and_decode_of_requests_sharing_a_prefix():
         server.finish(r)
 
 
+def _tree_sinks(server: SimServer) -> set[int] | None:
+    """Sink pages of the radix tree (its root's children); None for the unified tree, whose
+    structure is not exposed."""
+    if not isinstance(server.tree, RadixCache):
+        return None
+    return {int(child.value[0]) // G for child in server.tree.root_node.children.values()}
+
+
 def _assert_accounting(server: SimServer, running) -> None:
     """Every page is free, in the tree or owned by exactly one running request; fp16 slots are
     held only by sink pages and running requests' last pages; tree pages past the sink were
-    quantized exactly once."""
+    quantized exactly once, sink pages never."""
     free = server.alloc.free_pages.tolist()
-    tree = server.tree.all_values_flatten().long() if server.tree.total_size() else None
-    tree_pages = set() if tree is None else set((tree // G).tolist())
-    owned = []
+    empty = server.tree.evictable_size() + server.tree.protected_size() == 0
+    tree = torch.zeros(0) if empty else server.tree.all_values_flatten().long()
+    tree_pages = set((tree // G).tolist())
+    owned, running_allowed = [], set()
     for r in running:
         row = server.req_pool.req_to_token[r.row, r.cached_len : r.kv_len].long()
         owned += sorted(set((row // G).tolist()))
+        pages = (server.req_pool.req_to_token[r.row, : r.kv_len : G].long() // G).tolist()
+        running_allowed |= set(pages[: CFG.sink_pages]) | set(pages[-1:])
     every = free + sorted(tree_pages) + owned
     assert sorted(every) == list(range(1, server.alloc.num_pages + 1)), "page leaked or shared"
-    sinks = {int(child.value[0]) // G for child in server.tree.root_node.children.values()}
-    allowed = set(sinks)
-    for r in running:
-        pages = (server.req_pool.req_to_token[r.row, : r.kv_len : G].long() // G).tolist()
-        allowed |= set(pages[: CFG.sink_pages]) | set(pages[-1:])
     store = server.pool.store
-    holders = set(store.held_mask().nonzero().flatten().tolist())
-    assert holders <= allowed, f"slots held by {sorted(holders - allowed)}"
+    held = store.held_mask()
+    holders = set(held.nonzero().flatten().tolist())
+    sinks = _tree_sinks(server)
+    tree_holders = holders & tree_pages
+    if sinks is not None:
+        assert tree_holders == sinks, f"tree slots {sorted(tree_holders)}, sinks {sorted(sinks)}"
+    assert holders <= tree_holders | running_allowed, f"slots held by {sorted(holders)}"
     assert store.free_slots + len(holders) == store.num_slots
-    for page in tree_pages - sinks:
-        assert store.commits[page] == 1, f"tree page {page} quantized {int(store.commits[page])}x"
-    for page in sinks:
-        assert store.commits[page] == 0 and store.held_mask()[page]
+    for page in tree_pages:
+        want = 0 if page in tree_holders else 1
+        assert store.commits[page] == want, (
+            f"tree page {page} quantized {int(store.commits[page])}x"
+        )
 
 
-def test_random_operations_leave_no_leak_and_stay_exact():
-    server = SimServer(CFG, num_pages=40, num_slots=40)
+@pytest.mark.parametrize("tree", ["radix", "unified"])
+def test_random_operations_leave_no_leak_and_stay_exact(tree):
+    server = SimServer(CFG, num_pages=40, num_slots=40, tree=tree)
     rng = random.Random(3)
     prefixes = [[rng.randrange(64) for _ in range(rng.randrange(G, 3 * G))] for _ in range(3)]
     running = []

@@ -30,8 +30,9 @@ def _serve(server: SimServer, tokens: list[int]):
     return req
 
 
-def test_cached_sink_slots_are_reclaimed_by_evicting_the_least_recently_used_prefix():
-    server = SimServer(CFG, num_pages=40, num_slots=4)
+@pytest.mark.parametrize("tree", ["radix", "unified"])
+def test_cached_sink_slots_are_reclaimed_by_evicting_the_least_recently_used_prefix(tree):
+    server = SimServer(CFG, num_pages=40, num_slots=4, tree=tree)
     prompts = [[p] * (2 * G) for p in range(4)]  # whole pages: only the sink holds a slot
     for tokens in prompts:
         server.finish(_serve(server, tokens))
@@ -47,6 +48,28 @@ def test_cached_sink_slots_are_reclaimed_by_evicting_the_least_recently_used_pre
     assert _cached_tokens(server, prompts[2]) == 0
     assert _cached_tokens(server, prompts[0]) == 2 * G
     assert _cached_tokens(server, prompts[3]) == 2 * G
+
+
+def test_sglang_allocation_functions_make_room_for_slots():
+    from sglang.srt.mem_cache.allocation import (
+        alloc_paged_token_slots_decode,
+        alloc_paged_token_slots_extend,
+    )
+
+    server = SimServer(CFG, num_pages=40, num_slots=2, tree="unified")
+    for p in range(2):
+        server.finish(_serve(server, [p] * (2 * G)))  # two cached sinks hold both slots
+    assert server.pool.store.free_slots == 0
+    t = torch.tensor
+    loc = alloc_paged_token_slots_extend(
+        server.tree, t([0]), t([0]), t([G + 1]), t([G + 1]), t([-1]), G + 1
+    )  # needs a sink slot and a tail slot: both cached prefixes are evicted for them
+    assert loc is not None and server.pool.store.free_slots == 0
+    assert server.pool.store.held_mask()[loc[[0, G]] // G].all()
+    loc2 = alloc_paged_token_slots_decode(server.tree, t([G + 2]), t([G + 2]), loc[-1:])
+    assert loc2.tolist() == [int(loc[-1]) + 1]  # same page: no new slot needed
+    server.alloc.free(torch.cat([loc, loc2]))
+    assert server.pool.store.free_slots == 2
 
 
 def test_allocation_fails_cleanly_when_running_requests_hold_every_slot():
@@ -92,4 +115,4 @@ def test_assign_slots_rejects_more_pages_than_free_slots():
 
 
 if __name__ == "__main__":
-    test_cached_sink_slots_are_reclaimed_by_evicting_the_least_recently_used_prefix()
+    test_cached_sink_slots_are_reclaimed_by_evicting_the_least_recently_used_prefix("unified")
