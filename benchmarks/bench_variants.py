@@ -11,9 +11,10 @@ element with a commit cost within 2x of plain KVarN (``commit_x``: CPU reference
     .venv/bin/python -m benchmarks.bench_variants --threads 1 \\
         --output benchmarks/results/variants_smollm2.json
 
-``--show JSON`` reprints the tables of a stored result. Data (``--data-dir``, default
-``../shared/data``): ``wikitext2-test.raw`` and ``c4-validation-2k.parquet`` (needs pyarrow);
-a missing file is skipped with a message.
+The committed result merges two runs (WikiText-2 screen, C4 confirmation) run in parallel:
+``--merge WIKI.json C4.json --output ...``. ``--show JSON`` reprints its tables. Data
+(``--data-dir``, default ``../shared/data``): ``wikitext2-test.raw`` and
+``c4-validation-2k.parquet`` (needs pyarrow); a missing file is skipped with a message.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ def load_text(data_dir: Path, name: str, tokenizer, tokens: int) -> torch.Tensor
     return tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
 
 
-def commit_cost(methods, head_dim: int, pages: int = 16, heads: int = 3, reps: int = 3) -> dict:
-    """Median CPU seconds of ``quantize_pages`` on ``[pages, G, heads, D]`` normal data, per
-    method, and its ratio to the plain preset with the same name prefix."""
+def commit_cost(methods, head_dim: int, pages: int = 16, heads: int = 3, reps: int = 7) -> dict:
+    """Fastest of ``reps`` CPU times (s) of ``quantize_pages`` on ``[pages, G, heads, D]``
+    normal data, per method, and its ratio to the plain preset with the same name prefix (the
+    fastest run is the least disturbed by other work on a shared machine)."""
     gen = torch.Generator().manual_seed(0)
     seconds = {}
     for m in methods:
@@ -78,7 +80,7 @@ def commit_cost(methods, head_dim: int, pages: int = 16, heads: int = 3, reps: i
             t = time.perf_counter()
             m.quantize_pages(k, v)
             times.append(time.perf_counter() - t)
-        seconds[m.name] = sorted(times)[reps // 2]
+        seconds[m.name] = min(times)
     ratio = {
         n: s / seconds[n.split("+")[0]] for n, s in seconds.items() if n.split("+")[0] in seconds
     }
@@ -129,24 +131,54 @@ def show(data: dict) -> str:
 
 
 def plot(data: dict, path: Path) -> None:
+    """Per text: KL of every variant (bars, plain presets dark) and the accumulation curves of
+    the methods measured on both texts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     texts = list(data["texts"])
-    fig, axes = plt.subplots(1, len(texts), figsize=(7 * len(texts), 4.5), squeeze=False)
-    for ax, text in zip(axes[0], texts, strict=True):
+    both = set.intersection(*({r["method"] for r in data["texts"][t]["rows"]} for t in texts))
+    fig, axes = plt.subplots(2, len(texts), figsize=(8 * len(texts), 10), squeeze=False)
+    for col, text in enumerate(texts):
         res = data["texts"][text]
-        for r in res["rows"]:
-            style = "-" if "+" in r["method"] else "--"
-            ax.plot(res["positions"][2:], r["accumulated"][2:], style, label=r["method"])
+        rows = res["rows"]
+        ax = axes[0][col]
+        colors = ["tab:gray" if "+" not in r["method"] else "tab:blue" for r in rows]
+        ax.barh([r["method"] for r in rows], [r["kl"] for r in rows], color=colors)
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=6)
+        ax.set_title(f"{text}: mean KL vs the unquantized cache (lower is better)")
+        ax = axes[1][col]
+        for r in rows:
+            if r["method"] in both:
+                style = "-" if "+" in r["method"] else "--"
+                ax.plot(res["positions"][2:], r["accumulated"][2:], style, label=r["method"])
         ax.set_title(f"{text}: accumulated attention-output MAE")
         ax.set_xlabel("position")
         ax.set_ylabel("MAE (mean over layers)")
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from several runs of this benchmark: their texts (the commands and commits
+    of every part are kept under ``parts``) and commit costs of every method."""
+    from kvarn_sglang.variants import parse_variant
+
+    out: dict = {"texts": {}, "parts": []}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        out["texts"].update(data["texts"])
+        out["parts"].append({k: data[k] for k in ("command", "git_commit", "device", "versions")})
+        out["model"], out["head_dim"] = data["model"], data["head_dim"]
+    names = dict.fromkeys(r["method"] for t in out["texts"].values() for r in t["rows"])
+    # Commit costs measured again here, all in one sitting, so that they compare.
+    methods = [parse_variant(n, out["head_dim"]) for n in names]
+    out["commit_cost"] = commit_cost(methods, out["head_dim"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--output", default=None, help="results JSON; the PNG goes beside it")
     parser.add_argument("--show", default=None, help="print the tables of a results JSON")
+    parser.add_argument("--merge", nargs="+", default=None, help="combine results JSONs")
     args = parser.parse_args(argv)
+    if args.merge:
+        body = merge(args.merge)
+        print(show(body))
+        if args.output:
+            write_result(args.output, result_header(argv, "cpu"), body)
+            plot(body, Path(args.output).with_suffix(".png"))
+        return 0
     if args.show:
         print(show(json.loads(Path(args.show).read_text())))
         return 0

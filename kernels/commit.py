@@ -113,9 +113,11 @@ def _commit_tile_kernel(
     if REFIT > 0:
         # Least-squares refits of each row's scale/zero given its codes, weighted by the
         # squared column norms, then re-rounding; a row keeps a refit only if it lowers the
-        # error (reference: kvarn_sglang.rtn.refit_rows).
+        # error and clips nothing (reference: kvarn_sglang.rtn.refit_rows, cover=True).
         w = col_norm * col_norm  # [1, C]
         sw = tl.sum(w, axis=1, keep_dims=True)
+        row_min = lo
+        row_max = hi
         for _ in tl.static_range(REFIT):
             d0 = q * scale + lo - bal
             err = tl.sum(w * d0 * d0, axis=1, keep_dims=True)
@@ -131,6 +133,8 @@ def _commit_tile_kernel(
             q_new = tl.minimum(tl.maximum(round_half_even((bal - z_new) / s_new), 0.0), QMAX)
             d1 = q_new * s_new + z_new - bal
             take = tl.sum(w * d1 * d1, axis=1, keep_dims=True) < err
+            # The new grid must still cover the row (no element clipped).
+            take = take & (z_new - s_new / 2 <= row_min) & (z_new + (QMAX + 0.5) * s_new >= row_max)
             q = tl.where(take, q_new, q)
             scale = tl.where(take, s_new, scale)
             lo = tl.where(take, z_new, lo)

@@ -3,8 +3,8 @@
 A preset name reads ``k{K bits}v{V bits}_g{tile size}``: ``k4v2_g128`` stores K at 4 bits per
 channel and V at 2 bits per token in tiles of 128 tokens (one SGLang page = one tile). A
 ``_plus`` preset (``k2v2_g128_plus``) stores the same records but chooses them better at
-commit time (one least-squares refit of every row's scale and zero point, ``refit_iters=1``);
-decoding is unchanged. The plain presets are the paper's method.
+commit time (``refit_iters=4`` least-squares refits of every row's scale and zero point that
+clip no element); decoding is unchanged. The plain presets are the paper's method.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ SUPPORTED_PAGE_SIZES = (64, 128)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 DEFAULT_PRESET = "k4v2_g128"
 MAX_REFIT_ITERS = 8
-PLUS_REFIT_ITERS = 1
+PLUS_REFIT_ITERS = 4
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,9 @@ class KVarNConfig:
         sinkhorn_iters: variance-normalization iterations (0 keeps the format, norm of ones).
         sink_pages: leading pages of every sequence kept in fp16 (attention sinks).
         clip_quantile: if > 0, the RTN range of a row is [q(p), q(1-p)] instead of [min, max].
-        refit_iters: least-squares refits of each row's scale/zero after RTN (0: the paper;
-            the ``_plus`` presets: 1). Commit time only: the stored format is unchanged.
+        refit_iters: least-squares refits of each row's scale/zero after RTN, each kept only
+            where it lowers the error and clips nothing (0: the paper; ``_plus``: 4). Commit
+            time only: the stored format is unchanged.
     """
 
     k_bits: int = 4

@@ -9,7 +9,8 @@ Per tile of G tokens of one KV head (``KVARN_SPEC.md`` section 1):
   3. Sinkhorn-like variance normalization in the log domain, keeping per tile the scales
      of lowest imbalance seen;
   4. asymmetric round-to-nearest (ties to even) per row of the balanced tile (``_plus``
-     presets: then one least-squares refit of each row's scale/zero, ``rtn.refit_rows``);
+     presets: then least-squares refits of each row's scale/zero that clip nothing,
+     ``rtn.refit_rows``);
   5. absorb the normalization into fp16 metadata: ``x = (q * scale[r] + zero[r]) * norm[c]``;
   6. pack codes little-endian along each row.
 
@@ -128,8 +129,8 @@ def quantize_oriented(
     With an int ``sinkhorn_iters`` the tile is variance-normalized first and the
     normalization is absorbed into the metadata (KVarN; 0 iterations keep the format with a
     norm of ones); with None it is plain per-row RTN without a norm (KIVI, RTN per token).
-    ``refit_iters`` least-squares refits (``rtn.refit_rows``, weighted by the squared column
-    norms) follow the RTN of a normalized tile.
+    ``refit_iters`` least-squares refits (``rtn.refit_rows`` with ``cover``, weighted by the
+    squared column norms) follow the RTN of a normalized tile.
     """
     if sinkhorn_iters is not None:
         row_norm, col_norm = variance_normalize(m, sinkhorn_iters)
@@ -137,7 +138,7 @@ def quantize_oriented(
         codes, scale, zero = rtn_quantize(bal, bits, clip_quantile)
         if refit_iters:
             w = col_norm.square()
-            codes, scale, zero = refit_rows(bal, w, codes, scale, zero, bits, refit_iters)
+            codes, scale, zero = refit_rows(bal, w, codes, scale, zero, bits, refit_iters, True)
         scale, zero, col = scale * row_norm, zero * row_norm, col_norm.squeeze(1)
         row_mag = torch.maximum(scale.abs().amax((1, 2)), zero.abs().amax((1, 2)))
         c = _pow2_rebalance(row_mag, col.abs().amax(1))

@@ -4,13 +4,16 @@ Part of the executable spec (``kvarn_sglang.reference`` re-exports both function
 
 * ``rtn_quantize``: the paper's RTN, range ``[min, max]`` of each row (or quantiles);
 * ``refit_rows``: given the codes, refit each row's scale and zero point by weighted least
-  squares, re-round, and keep the result only in the rows where it lowers the weighted error.
-  With the column norms squared as weights this is the reconstruction error in the model's
-  domain. The stored format does not change: it is a better choice of the same per-row fp16
-  scale/zero and low-bit codes, made once at commit time.
+  squares, re-round, and keep the result only in the rows where it lowers the weighted error
+  (and, with ``cover``, still clips no element). With the column norms squared as weights
+  this is the reconstruction error in the model's domain. The stored format does not change:
+  it is a better choice of the same per-row fp16 scale/zero and low-bit codes, made once at
+  commit time.
 
-One refit helps; iterating it towards the MSE optimum hurts the model (it converges to a
-narrower range that clips the large keys attention depends on): see README "Beyond the paper".
+Unconstrained refits converge towards the MSE-optimal range, which clips the large keys that
+attention depends on and raises KL although the MSE falls; the ``_plus`` presets use
+``cover=True``, so every element stays within half a step as with min/max RTN (see README
+"Beyond the paper").
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ def test_default_knobs_are_the_paper_method_bit_exactly(preset):
     assert torch.equal(got, get_method(preset, head_dim=64).quantize_pages(k, v))
 
 
-def test_refit1_variant_is_the_plus_preset():
+def test_covered_refit4_variant_is_the_plus_preset():
     k, v = kv_like(2, 128, 2, 64, seed=3)
-    got = parse_variant("k2v2_g128+refit1", 64).quantize_pages(k, v)
+    got = parse_variant("k2v2_g128+refit4+cover", 64).quantize_pages(k, v)
     assert torch.equal(got, quantize_pages(k, v, get_preset("k2v2_g128_plus", head_dim=64)))
 
 
@@ -96,4 +96,4 @@ def test_bench_variants_skips_missing_data(tmp_path, capsys):
 
 
 if __name__ == "__main__":
-    test_refit1_variant_is_the_plus_preset()
+    test_covered_refit4_variant_is_the_plus_preset()
