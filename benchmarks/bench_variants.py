@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import result_header, write_result
+from kvarn_sglang.variants import LayerwiseMethod
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = {"wikitext2": "wikitext2-test.raw", "c4": "c4-validation-2k.parquet"}
@@ -65,26 +66,30 @@ def load_text(data_dir: Path, name: str, tokenizer, tokens: int) -> torch.Tensor
 
 
 def commit_cost(methods, head_dim: int, pages: int = 16, heads: int = 3, reps: int = 7) -> dict:
-    """Fastest of ``reps`` CPU times (s) of ``quantize_pages`` on ``[pages, G, heads, D]``
-    normal data, per method, and its ratio to the plain preset with the same name prefix (the
-    fastest run is the least disturbed by other work on a shared machine)."""
+    """Fastest of ``reps`` CPU times (s, one thread) of ``quantize_pages`` on ``[pages, G,
+    heads, D]`` normal data, per method, and its ratio to the plain preset with the same name
+    prefix. Methods are timed round-robin after one warm-up each, and the fastest run is kept,
+    so load from other work on a shared machine spreads evenly and is filtered out."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
-    seconds = {}
-    for m in methods:
-        if not hasattr(m, "layout") or type(m).__name__ == "LayerwiseMethod":
-            continue
-        k = torch.randn(pages, m.page_size, heads, head_dim, generator=gen)
-        v = torch.randn(pages, m.page_size, heads, head_dim, generator=gen)
-        times = []
-        for _ in range(reps):
+    timed = [m for m in methods if not isinstance(m, LayerwiseMethod)]
+    data = {}
+    for m in timed:
+        shape = (pages, m.page_size, heads, head_dim)
+        data[m.name] = (torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
+        m.quantize_pages(*data[m.name])  # warm-up
+    seconds = dict.fromkeys(data, float("inf"))
+    for _ in range(reps):
+        for m in timed:
             t = time.perf_counter()
-            m.quantize_pages(k, v)
-            times.append(time.perf_counter() - t)
-        seconds[m.name] = min(times)
+            m.quantize_pages(*data[m.name])
+            seconds[m.name] = min(seconds[m.name], time.perf_counter() - t)
+    torch.set_num_threads(threads)
     ratio = {
         n: s / seconds[n.split("+")[0]] for n, s in seconds.items() if n.split("+")[0] in seconds
     }
-    return {"seconds": seconds, "ratio": ratio}
+    return {"seconds": seconds, "ratio": ratio, "threads": 1, "pages": pages, "heads": heads}
 
 
 def bits_at(name: str, head_dim: int) -> float | None:
