@@ -64,6 +64,17 @@ class PassThroughMethod(PageMethod):
         return parts["k"].permute(0, 2, 1, 3).float(), parts["v"].permute(0, 2, 1, 3).float()
 
 
+def layer_method(method, layer: int):
+    """The method storing layer ``layer``: ``method.for_layer(layer)`` for a ``PageMethod``;
+    any other object with ``quantize_pages``/``dequantize_pages`` is used as is."""
+    return method.for_layer(layer) if isinstance(method, PageMethod) else method
+
+
+def recent_pages_of(method) -> int:
+    """Pages before a query's own page that ``method`` reads unquantized (0 unless set)."""
+    return method.recent_pages if isinstance(method, PageMethod) else 0
+
+
 def paged_attention(
     q: torch.Tensor,
     q_start: int,
@@ -181,12 +192,12 @@ def _paged_forward(module, query, key, value, attention_mask, scaling=None, **kw
     )
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     method, layer_idx = _state.method, module.layer_idx
-    method = method.for_layer(layer_idx) if method is not None else None
+    method = layer_method(method, layer_idx)
     if _state.cache is not None:
-        if method is not None and method.recent_pages:
+        if recent_pages_of(method):
             raise ValueError(
-                f"Unsupported recent_pages {method.recent_pages} with a cache: a recent window "
-                f"is only evaluated in one full forward"
+                f"Unsupported recent_pages {recent_pages_of(method)} with a cache: a recent "
+                f"window is only evaluated in one full forward"
             )
         layer = _state.cache.layers[layer_idx]
         n = layer.read_len
@@ -214,7 +225,7 @@ def _paged_forward(module, query, key, value, attention_mask, scaling=None, **kw
         )
         k_read, v_read = k_read.transpose(0, 1), v_read.transpose(0, 1)
         out = paged_attention(
-            q, 0, k_read, v_read, k, v, 0, method.page_size, scale, method.recent_pages
+            q, 0, k_read, v_read, k, v, 0, method.page_size, scale, recent_pages_of(method)
         )
         k_new, v_new = k, v
     if _state.observer is not None:

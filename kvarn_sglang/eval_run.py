@@ -29,7 +29,12 @@ import torch
 from tqdm import tqdm
 
 from kvarn_sglang.baselines import PageMethod, get_method
-from kvarn_sglang.eval_attention import paged_attention, paged_logits
+from kvarn_sglang.eval_attention import (
+    layer_method,
+    paged_attention,
+    paged_logits,
+    recent_pages_of,
+)
 from kvarn_sglang.eval_cache import greedy_generate
 from kvarn_sglang.eval_metrics import ErrorCurve, first_divergence, log_probs, token_metrics
 from kvarn_sglang.quant_error import dequantized_read
@@ -124,10 +129,10 @@ def _static_curve(method: PageMethod, ref: _Reference, sink_pages: int, bucket: 
     curve = ErrorCurve(len(ref.q), nb)
     layers = zip(ref.q, ref.k, ref.v, ref.out, ref.scale, strict=True)
     for layer, (q, k, v, out, scale) in enumerate(layers):
-        m = method.for_layer(layer)
+        m = layer_method(method, layer)
         k_read, v_read, _ = dequantized_read(m, k.transpose(0, 1), v.transpose(0, 1), sink_pages)
         k_read, v_read = k_read.transpose(0, 1), v_read.transpose(0, 1)
-        o = paged_attention(q, 0, k_read, v_read, k, v, 0, m.page_size, scale, m.recent_pages)
+        o = paged_attention(q, 0, k_read, v_read, k, v, 0, m.page_size, scale, recent_pages_of(m))
         curve.add(layer, o, out, bucket)
     return curve
 

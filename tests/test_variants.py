@@ -90,6 +90,31 @@ def test_recent_window_reads_previous_pages_unquantized():
         paged_attention(q, 0, k, v, k, v, 0, g, 0.3, recent_pages=-1)
 
 
+def test_variants_run_inside_a_model_per_layer_and_with_a_window():
+    from tiny_llama import tiny_llama
+
+    from kvarn_sglang.eval_attention import paged_attention_mode, paged_logits
+    from kvarn_sglang.eval_cache import PagedQuantizedCache
+
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (1, 4 * 64 + 5), generator=torch.Generator().manual_seed(1))
+    ref = paged_logits(model, ids, None)
+    # A window over every earlier page reads nothing quantized: the reference logits.
+    wide = paged_logits(model, ids, parse_variant("k2v2_g64+recent4", 64))
+    torch.testing.assert_close(wide, ref, atol=1e-4, rtol=1e-4)
+    # Per-layer presets quantize through for_layer (the method itself refuses to quantize).
+    mixed = paged_logits(model, ids, parse_variant("layers:k4v4_g64/k2v2_g64", 64))
+    plain = paged_logits(model, ids, get_method("k2v2_g64", head_dim=64))
+    kl = [float((ref.log_softmax(-1).exp() * (ref.log_softmax(-1) - x.log_softmax(-1))).sum())
+          for x in (mixed, plain)]  # fmt: skip
+    assert 0 < kl[0] < kl[1]
+    method = parse_variant("k2v2_g64+recent1", 64)
+    cache = PagedQuantizedCache(2, method, 1)
+    refused = pytest.raises(ValueError, match="Unsupported recent_pages 1 with a cache")
+    with paged_attention_mode(model, method, cache=cache), torch.no_grad(), refused:
+        model(input_ids=ids[:, :8], past_key_values=cache, use_cache=True)
+
+
 def test_bench_variants_skips_missing_data(tmp_path, capsys):
     assert bench_variants.load_text(tmp_path, "c4", None, 16) is None
     assert "c4-validation-2k.parquet not found" in capsys.readouterr().err
