@@ -13,12 +13,18 @@ chooses codes and metadata differs. Knobs (``VariantSpec``):
   shrunk about its midpoint by ratios ``1 .. clip_min`` and each row keeps the candidate of
   least reconstruction error, weighted by the column norms (the error in the model's domain);
 * ``refit``: least-squares refits of each row's scale and zero given its codes, each followed
-  by re-rounding; a row keeps a refit only where it lowers the error;
+  by re-rounding; a row keeps a refit only where it lowers the error (``rtn.refit_rows``);
+  ``cover``: and only where it clips no element (the ``_plus`` presets are ``refit=4,
+  cover=True``); ``reround=False``: keep the codes, take the least-squares scale and zero;
+* ``colfit``: alternating least-squares refits of the column norms and of the rows;
 * ``recent_pages``: pages before the query's own page also read unquantized (the paper's
   recent window); this costs fp16 memory per sequence instead of changing the record;
 * per-layer presets (``LayerwiseMethod``): asymmetric bit allocation across layers.
 
-``VariantSpec()`` reproduces ``kvarn_sglang.reference.quantize_pages`` bit-exactly.
+K and V tiles get their own ``VariantSpec``. ``VariantSpec()`` reproduces
+``kvarn_sglang.reference.quantize_pages`` bit-exactly. Names for ``parse_variant``: a preset
+then ``+`` knobs (``k2v2_g128+refit4+cover``, ``k2v2_g128+kclip8@0.6+vrefit1``; a ``k``/``v``
+prefix applies a knob to K or V only), or ``layers:A/B`` for presets cycled over layers.
 """
 
 from __future__ import annotations
