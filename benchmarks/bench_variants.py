@@ -169,14 +169,23 @@ def plot(data: dict, path: Path) -> None:
 
 
 def merge(paths: list[str]) -> dict:
-    """One result from several runs of this benchmark: their texts (the commands and commits
-    of every part are kept under ``parts``) and commit costs of every method."""
+    """One result from several runs of this benchmark: the rows of every text (runs of the
+    same text must share its tokens; the commands and commits of every part are kept under
+    ``parts``) and commit costs of every method, measured again."""
     from kvarn_sglang.variants import parse_variant
 
     out: dict = {"texts": {}, "parts": []}
     for path in paths:
         data = json.loads(Path(path).read_text())
-        out["texts"].update(data["texts"])
+        for text, res in data["texts"].items():
+            if text not in out["texts"]:
+                out["texts"][text] = res
+                continue
+            have = out["texts"][text]
+            if (have["tokens"], have["reference_ppl"]) != (res["tokens"], res["reference_ppl"]):
+                raise ValueError(f"Cannot merge {path}: its {text} run used other tokens")
+            names = {r["method"] for r in have["rows"]}
+            have["rows"] += [r for r in res["rows"] if r["method"] not in names]
         out["parts"].append({k: data[k] for k in ("command", "git_commit", "device", "versions")})
         out["model"], out["head_dim"] = data["model"], data["head_dim"]
     names = dict.fromkeys(r["method"] for t in out["texts"].values() for r in t["rows"])
