@@ -64,7 +64,7 @@ def _commit_tile_kernel(
     codes_off, scale_off, zero_off, norm_off,  # field offsets in bytes
     inv_sqrt_d, ITERS,
     G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-    BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, REFIT: tl.constexpr,
     LOG_LO: tl.constexpr, LOG_HI: tl.constexpr, STD_LO: tl.constexpr, STD_HI: tl.constexpr,
     SCALE_LO: tl.constexpr, SKIP_ROW0: tl.constexpr,
 ):  # fmt: skip
@@ -112,7 +112,36 @@ def _commit_tile_kernel(
     lo = tl.min(bal, axis=1, keep_dims=True)
     hi = tl.max(bal, axis=1, keep_dims=True)
     scale = tl.maximum((hi - lo) / QMAX, SCALE_LO)
-    codes = tl.minimum(tl.maximum(round_half_even((bal - lo) / scale), 0.0), QMAX).to(tl.int32)
+    q = tl.minimum(tl.maximum(round_half_even((bal - lo) / scale), 0.0), QMAX)
+    if REFIT > 0:
+        # Least-squares refits of each row's scale/zero given its codes, weighted by the
+        # squared column norms, then re-rounding; a row keeps a refit only if it lowers the
+        # error and clips nothing (reference: kvarn_sglang.rtn.refit_rows, cover=True).
+        w = col_norm * col_norm  # [1, C]
+        sw = tl.sum(w, axis=1, keep_dims=True)
+        row_min = lo
+        row_max = hi
+        for _ in tl.static_range(REFIT):
+            d0 = q * scale + lo - bal
+            err = tl.sum(w * d0 * d0, axis=1, keep_dims=True)
+            sq = tl.sum(w * q, axis=1, keep_dims=True)
+            sx = tl.sum(w * bal, axis=1, keep_dims=True)
+            sqq = tl.sum(w * q * q, axis=1, keep_dims=True)
+            sqx = tl.sum(w * q * bal, axis=1, keep_dims=True)
+            det = sw * sqq - sq * sq
+            ok = det > 1e-6 * sw * sqq
+            s_new = tl.where(ok, (sw * sqx - sq * sx) / tl.maximum(det, 1e-30), scale)
+            s_new = tl.maximum(s_new, SCALE_LO)
+            z_new = tl.where(ok, (sx - s_new * sq) / sw, lo)
+            q_new = tl.minimum(tl.maximum(round_half_even((bal - z_new) / s_new), 0.0), QMAX)
+            d1 = q_new * s_new + z_new - bal
+            take = tl.sum(w * d1 * d1, axis=1, keep_dims=True) < err
+            # The new grid must still cover the row (no element clipped).
+            take = take & (z_new - s_new / 2 <= row_min) & (z_new + (QMAX + 0.5) * s_new >= row_max)
+            q = tl.where(take, q_new, q)
+            scale = tl.where(take, s_new, scale)
+            lo = tl.where(take, z_new, lo)
+    codes = q.to(tl.int32)
 
     # Absorb the normalization; trade one power of two between rows and columns.
     scale = scale * row_norm
@@ -160,7 +189,7 @@ def commit_pages(
 
     Args:
         k, v: ``[num_pages, G, num_kv_heads, head_dim]`` fp16 or bf16, last dim contiguous.
-        config: a KVarN config without quantile clipping.
+        config: a KVarN config without quantile clipping (``refit_iters`` as the reference).
         out: ``uint8 [num_records, num_kv_heads, page_bytes]`` to write into (the pool's packed
             store); allocated with ``num_records = num_pages`` when None.
         out_index: ``int64 [num_pages]`` record row of each page; ``arange`` when None.
@@ -234,7 +263,7 @@ def commit_pages(
             f["codes"], f["scale"], f["zero"], f["norm"],
             1.0 / math.sqrt(d), config.sinkhorn_iters,
             G=g, D=d, R=d if per_channel else g, C=g if per_channel else d,
-            BITS=bits, PER_CHANNEL=per_channel,
+            BITS=bits, PER_CHANNEL=per_channel, REFIT=config.refit_iters,
             LOG_LO=LOG_MIN, LOG_HI=LOG_MAX, STD_LO=STD_MIN, STD_HI=STD_MAX, SCALE_LO=SCALE_MIN,
             SKIP_ROW0=skip_row0,
         )  # fmt: skip

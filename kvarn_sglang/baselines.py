@@ -42,6 +42,8 @@ class PageMethod:
 
     Attributes:
         name: registry name (``get_method(name)`` builds it).
+        recent_pages: pages before a query's own page also read unquantized (0 for every
+            method here; a recent-window variant sets it).
         k_bits, v_bits: nominal code widths (16 for fp16, 8 for fp8).
         page_size, head_dim: G and D of the pages it takes.
     """
@@ -51,10 +53,15 @@ class PageMethod:
     v_bits: int
     page_size: int
     head_dim: int
+    recent_pages: int = 0  # pages before a query's own page that it also reads unquantized
 
     @cached_property
     def layout(self) -> PageLayout:
         raise NotImplementedError
+
+    def for_layer(self, layer: int) -> PageMethod:
+        """The method that stores layer ``layer`` (itself, unless it allocates per layer)."""
+        return self
 
     def quantize_pages(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """K, V ``[P, G, H, D]`` float -> records ``uint8 [P, H, page_bytes]``."""

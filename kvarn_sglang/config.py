@@ -1,7 +1,10 @@
 """KVarN configuration, validated once, and the named presets.
 
 A preset name reads ``k{K bits}v{V bits}_g{tile size}``: ``k4v2_g128`` stores K at 4 bits per
-channel and V at 2 bits per token in tiles of 128 tokens (one SGLang page = one tile).
+channel and V at 2 bits per token in tiles of 128 tokens (one SGLang page = one tile). A
+``_plus`` preset (``k2v2_g128_plus``) stores the same records but chooses them better at
+commit time (``refit_iters=4`` least-squares refits of every row's scale and zero point that
+clip no element); decoding is unchanged. The plain presets are the paper's method.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ SUPPORTED_BITS = (2, 4)
 SUPPORTED_PAGE_SIZES = (64, 128)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 DEFAULT_PRESET = "k4v2_g128"
+MAX_REFIT_ITERS = 8
+PLUS_REFIT_ITERS = 4
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,9 @@ class KVarNConfig:
         sinkhorn_iters: variance-normalization iterations (0 keeps the format, norm of ones).
         sink_pages: leading pages of every sequence kept in fp16 (attention sinks).
         clip_quantile: if > 0, the RTN range of a row is [q(p), q(1-p)] instead of [min, max].
+        refit_iters: least-squares refits of each row's scale/zero after RTN, each kept only
+            where it lowers the error and clips nothing (0: the paper; ``_plus``: 4). Commit
+            time only: the stored format is unchanged.
     """
 
     k_bits: int = 4
@@ -38,6 +46,7 @@ class KVarNConfig:
     sinkhorn_iters: int = 8
     sink_pages: int = 1
     clip_quantile: float = 0.0
+    refit_iters: int = 0
 
     def __post_init__(self) -> None:
         for name in ("k_bits", "v_bits"):
@@ -62,10 +71,21 @@ class KVarNConfig:
             raise ValueError(
                 f"Unsupported clip_quantile {self.clip_quantile}: expected 0 <= p < 0.5"
             )
+        if not 0 <= self.refit_iters <= MAX_REFIT_ITERS:
+            raise ValueError(
+                f"Unsupported refit_iters {self.refit_iters}: expected 0..{MAX_REFIT_ITERS}"
+            )
+        if self.refit_iters and self.clip_quantile:
+            raise ValueError(
+                f"Unsupported refit_iters {self.refit_iters} with clip_quantile "
+                f"{self.clip_quantile}: refits start from the min/max range"
+            )
 
     @property
     def name(self) -> str:
-        return f"k{self.k_bits}v{self.v_bits}_g{self.page_size}"
+        n = self.refit_iters
+        refit = {0: "", PLUS_REFIT_ITERS: "_plus"}.get(n, f"_refit{n}")
+        return f"k{self.k_bits}v{self.v_bits}_g{self.page_size}{refit}"
 
     @cached_property
     def layout(self) -> PageLayout:
@@ -108,6 +128,8 @@ PRESETS: dict[str, KVarNConfig] = {
         KVarNConfig(k_bits=2, v_bits=2, page_size=128),
         KVarNConfig(k_bits=2, v_bits=4, page_size=128),
         KVarNConfig(k_bits=2, v_bits=2, page_size=64),
+        KVarNConfig(k_bits=4, v_bits=2, page_size=128, refit_iters=PLUS_REFIT_ITERS),
+        KVarNConfig(k_bits=2, v_bits=2, page_size=128, refit_iters=PLUS_REFIT_ITERS),
     )
 }
 

@@ -64,6 +64,17 @@ class PassThroughMethod(PageMethod):
         return parts["k"].permute(0, 2, 1, 3).float(), parts["v"].permute(0, 2, 1, 3).float()
 
 
+def layer_method(method, layer: int):
+    """The method storing layer ``layer``: ``method.for_layer(layer)`` for a ``PageMethod``;
+    any other object with ``quantize_pages``/``dequantize_pages`` is used as is."""
+    return method.for_layer(layer) if isinstance(method, PageMethod) else method
+
+
+def recent_pages_of(method) -> int:
+    """Pages before a query's own page that ``method`` reads unquantized (0 unless set)."""
+    return method.recent_pages if isinstance(method, PageMethod) else 0
+
+
 def paged_attention(
     q: torch.Tensor,
     q_start: int,
@@ -74,6 +85,7 @@ def paged_attention(
     own_start: int,
     page_size: int,
     sm_scale: float,
+    recent_pages: int = 0,
 ) -> torch.Tensor:
     """``decode_consistent_attention`` computed page by page, heads first, with SDPA.
 
@@ -87,6 +99,9 @@ def paged_attention(
             R must reach the start of the last query's page.
         k_own, v_own: ``[Hkv, M, D]`` unquantized positions ``own_start .. own_start+M-1``,
             with ``own_start`` the start of the first query's page and M reaching the last query.
+        recent_pages: the queries of page j also read pages ``j - recent_pages .. j - 1``
+            from ``k_own``/``v_own`` (a recent window); ``own_start`` must then reach back
+            that far (0 in a full forward).
     Returns:
         ``fp32 [Hq, T, D]``.
     """
@@ -103,6 +118,11 @@ def paged_attention(
         )
     hq, t, _ = q.shape
     g, q_end = page_size, q_start + t
+    if recent_pages < 0 or (recent_pages and own_start != 0):
+        raise ValueError(
+            f"Unsupported recent_pages {recent_pages}: expected >= 0, and > 0 only with "
+            f"own_start 0 (got {own_start})"
+        )
     if own_start != q_start // g * g or own_start + k_own.shape[1] < q_end:
         raise ValueError(
             f"Invalid shape of k_own: expected [{hkv}, >= {q_end - q_start // g * g}, {d}] "
@@ -116,9 +136,10 @@ def paged_attention(
     qf, out = q.float(), q.new_empty(hq, t, d, dtype=torch.float32)
     for page in range(q_start // g, (q_end - 1) // g + 1):
         lo, hi = max(q_start, page * g), min(q_end, (page + 1) * g)
-        own = slice(page * g - own_start, hi - own_start)
-        k = torch.cat([k_read[:, : page * g], k_own[:, own]], 1).float()
-        v = torch.cat([v_read[:, : page * g], v_own[:, own]], 1).float()
+        split = max(page - recent_pages, 0) * g
+        own = slice(split - own_start, hi - own_start)
+        k = torch.cat([k_read[:, :split], k_own[:, own]], 1).float()
+        v = torch.cat([v_read[:, :split], v_own[:, own]], 1).float()
         q_pos = torch.arange(lo, hi, device=q.device)[:, None]
         k_pos = torch.arange(k.shape[1], device=q.device)[None, :]
         mask = k_pos <= q_pos  # read pages are all before the page, own tokens causal
@@ -171,7 +192,13 @@ def _paged_forward(module, query, key, value, attention_mask, scaling=None, **kw
     )
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     method, layer_idx = _state.method, module.layer_idx
+    method = layer_method(method, layer_idx)
     if _state.cache is not None:
+        if recent_pages_of(method):
+            raise ValueError(
+                f"Unsupported recent_pages {recent_pages_of(method)} with a cache: a recent "
+                f"window is only evaluated in one full forward"
+            )
         layer = _state.cache.layers[layer_idx]
         n = layer.read_len
         k_read, v_read, k_new, v_new = k[:, :n], v[:, :n], k[:, n:], v[:, n:]
@@ -197,7 +224,9 @@ def _paged_forward(module, query, key, value, attention_mask, scaling=None, **kw
             method, k.transpose(0, 1), v.transpose(0, 1), _state.sink_pages
         )
         k_read, v_read = k_read.transpose(0, 1), v_read.transpose(0, 1)
-        out = paged_attention(q, 0, k_read, v_read, k, v, 0, method.page_size, scale)
+        out = paged_attention(
+            q, 0, k_read, v_read, k, v, 0, method.page_size, scale, recent_pages_of(method)
+        )
         k_new, v_new = k, v
     if _state.observer is not None:
         _state.observer(layer_idx, q, k_new, v_new, out, float(scale))

@@ -29,7 +29,12 @@ import torch
 from tqdm import tqdm
 
 from kvarn_sglang.baselines import PageMethod, get_method
-from kvarn_sglang.eval_attention import paged_attention, paged_logits
+from kvarn_sglang.eval_attention import (
+    layer_method,
+    paged_attention,
+    paged_logits,
+    recent_pages_of,
+)
 from kvarn_sglang.eval_cache import greedy_generate
 from kvarn_sglang.eval_metrics import ErrorCurve, first_divergence, log_probs, token_metrics
 from kvarn_sglang.quant_error import dequantized_read
@@ -42,7 +47,7 @@ class EvalSettings:
     """What ``run_eval`` measures. ``page_size`` is for non-preset methods and the curve's
     buckets; a KVarN preset brings its own page size."""
 
-    methods: Sequence[str]
+    methods: Sequence[str | PageMethod]
     sink_pages: int = 1
     page_size: int = 128
     gen_tokens: int = 384
@@ -105,25 +110,29 @@ class _Reference:
         self.scale.append(scale)
 
 
-def build_methods(names: Sequence[str], head_dim: int, page_size: int) -> list[PageMethod]:
-    """``get_method`` for every name; raises ``ValueError`` on the first unknown one."""
+def build_methods(
+    names: Sequence[str | PageMethod], head_dim: int, page_size: int
+) -> list[PageMethod]:
+    """``get_method`` for every name (a ``PageMethod`` is taken as is); raises ``ValueError``
+    on the first unknown name."""
     if not names:
         raise ValueError(
             "No methods given: expected a comma-separated list such as kivi2,k2v2_g128"
         )
-    return [get_method(n, head_dim=head_dim, page_size=page_size) for n in names]
+    return [
+        n if isinstance(n, PageMethod) else get_method(n, head_dim=head_dim, page_size=page_size)
+        for n in names
+    ]
 
 
 def _static_curve(method: PageMethod, ref: _Reference, sink_pages: int, bucket: int, nb: int):
     curve = ErrorCurve(len(ref.q), nb)
     layers = zip(ref.q, ref.k, ref.v, ref.out, ref.scale, strict=True)
     for layer, (q, k, v, out, scale) in enumerate(layers):
-        k_read, v_read, _ = dequantized_read(
-            method, k.transpose(0, 1), v.transpose(0, 1), sink_pages
-        )
-        o = paged_attention(
-            q, 0, k_read.transpose(0, 1), v_read.transpose(0, 1), k, v, 0, method.page_size, scale
-        )
+        m = layer_method(method, layer)
+        k_read, v_read, _ = dequantized_read(m, k.transpose(0, 1), v.transpose(0, 1), sink_pages)
+        k_read, v_read = k_read.transpose(0, 1), v_read.transpose(0, 1)
+        o = paged_attention(q, 0, k_read, v_read, k, v, 0, m.page_size, scale, recent_pages_of(m))
         curve.add(layer, o, out, bucket)
     return curve
 

@@ -8,7 +8,9 @@ Per tile of G tokens of one KV head (``KVARN_SPEC.md`` section 1):
   2. orient: K as ``[D, G]`` (rows = channels), V as ``[G, D]`` (rows = tokens);
   3. Sinkhorn-like variance normalization in the log domain, keeping per tile the scales
      of lowest imbalance seen;
-  4. asymmetric round-to-nearest (ties to even) per row of the balanced tile;
+  4. asymmetric round-to-nearest (ties to even) per row of the balanced tile (``_plus``
+     presets: then least-squares refits of each row's scale/zero that clip nothing,
+     ``rtn.refit_rows``);
   5. absorb the normalization into fp16 metadata: ``x = (q * scale[r] + zero[r]) * norm[c]``;
   6. pack codes little-endian along each row.
 
@@ -36,11 +38,13 @@ from kvarn_sglang.config import KVarNConfig
 from kvarn_sglang.layout import PageLayout, TileCodes, decode_tiles, encode_tiles
 from kvarn_sglang.layout import pack_codes as pack_codes  # re-exported: packing is spec
 from kvarn_sglang.layout import unpack_codes as unpack_codes
+from kvarn_sglang.rtn import SCALE_MIN as SCALE_MIN  # re-exported: RTN is spec
+from kvarn_sglang.rtn import refit_rows as refit_rows
+from kvarn_sglang.rtn import rtn_quantize as rtn_quantize
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG_MIN, LOG_MAX = -0.3, 10.0
 STD_MIN, STD_MAX = 1e-3, 1e3
-SCALE_MIN = 1e-10
 
 
 # ----------------------------------------------------------------------------- rotation
@@ -104,31 +108,6 @@ def variance_normalize(m: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch
     return best_r.exp(), best_c.exp()
 
 
-# ---------------------------------------------------------------------------- RTN
-def rtn_quantize(
-    x: torch.Tensor, bits: int, clip_quantile: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric round-to-nearest per row.
-
-    Args:
-        x: ``fp32 [N, R, C]``.
-        bits: code width; codes lie in ``[0, 2**bits - 1]``.
-        clip_quantile: if > 0, the range is ``[quantile(p), quantile(1 - p)]`` of the row.
-    Returns:
-        ``(codes uint8 [N, R, C], scale fp32 [N, R, 1], zero fp32 [N, R, 1])`` with
-        ``x ~= codes * scale + zero``.
-    """
-    qmax = 2**bits - 1
-    if clip_quantile > 0:
-        lo = torch.quantile(x, clip_quantile, dim=2, keepdim=True)
-        hi = torch.quantile(x, 1 - clip_quantile, dim=2, keepdim=True)
-    else:
-        lo, hi = x.amin(2, keepdim=True), x.amax(2, keepdim=True)
-    scale = ((hi - lo) / qmax).clamp_min(SCALE_MIN)
-    codes = torch.round((x - lo) / scale).clamp(0, qmax).to(torch.uint8)
-    return codes, scale, lo
-
-
 # --------------------------------------------------------------- oriented tiles
 def _pow2_rebalance(row_mag: torch.Tensor, col_mag: torch.Tensor) -> torch.Tensor:
     """Per-tile power of two c that brings max(row factors) * c and max(col factors) / c to
@@ -139,17 +118,27 @@ def _pow2_rebalance(row_mag: torch.Tensor, col_mag: torch.Tensor) -> torch.Tenso
 
 
 def quantize_oriented(
-    m: torch.Tensor, bits: int, sinkhorn_iters: int | None, clip_quantile: float = 0.0
+    m: torch.Tensor,
+    bits: int,
+    sinkhorn_iters: int | None,
+    clip_quantile: float = 0.0,
+    refit_iters: int = 0,
 ) -> TileCodes:
     """Quantize a batch of oriented tiles ``fp32 [N, R, C]`` row-wise.
 
     With an int ``sinkhorn_iters`` the tile is variance-normalized first and the
     normalization is absorbed into the metadata (KVarN; 0 iterations keep the format with a
     norm of ones); with None it is plain per-row RTN without a norm (KIVI, RTN per token).
+    ``refit_iters`` least-squares refits (``rtn.refit_rows`` with ``cover``, weighted by the
+    squared column norms) follow the RTN of a normalized tile.
     """
     if sinkhorn_iters is not None:
         row_norm, col_norm = variance_normalize(m, sinkhorn_iters)
-        codes, scale, zero = rtn_quantize(m / col_norm / row_norm, bits, clip_quantile)
+        bal = m / col_norm / row_norm
+        codes, scale, zero = rtn_quantize(bal, bits, clip_quantile)
+        if refit_iters:
+            w = col_norm.square()
+            codes, scale, zero = refit_rows(bal, w, codes, scale, zero, bits, refit_iters, True)
         scale, zero, col = scale * row_norm, zero * row_norm, col_norm.squeeze(1)
         row_mag = torch.maximum(scale.abs().amax((1, 2)), zero.abs().amax((1, 2)))
         c = _pow2_rebalance(row_mag, col.abs().amax(1))
@@ -225,6 +214,7 @@ def quantize_tile_pages(
     k_per_channel: bool,
     sinkhorn_iters: int | None,
     clip_quantile: float = 0.0,
+    refit_iters: int = 0,
 ) -> torch.Tensor:
     """Quantize pages with any tile method (KVarN, its ablations, KIVI, RTN per token).
 
@@ -239,8 +229,10 @@ def quantize_tile_pages(
     """
     p, _, h, _ = k.shape
     k, v = (rotate(k), rotate(v)) if rotated else (k.float(), v.float())
-    k_t = quantize_oriented(_tiles(k, k_per_channel), k_bits, sinkhorn_iters, clip_quantile)
-    v_t = quantize_oriented(_tiles(v, False), v_bits, sinkhorn_iters, clip_quantile)
+    k_t = quantize_oriented(
+        _tiles(k, k_per_channel), k_bits, sinkhorn_iters, clip_quantile, refit_iters
+    )
+    v_t = quantize_oriented(_tiles(v, False), v_bits, sinkhorn_iters, clip_quantile, refit_iters)
     return encode_tiles(k_t, v_t, layout, p, h)
 
 
@@ -279,6 +271,7 @@ def quantize_pages(k: torch.Tensor, v: torch.Tensor, config: KVarNConfig) -> tor
         k_per_channel=True,
         sinkhorn_iters=config.sinkhorn_iters,
         clip_quantile=config.clip_quantile,
+        refit_iters=config.refit_iters,
     )
 
 

@@ -77,6 +77,14 @@ def test_kvarn_flags_are_real(prepare):
     assert (sa._kvarn_preset, sa._kvarn_sink_pages, sa._kvarn_slots) == ("k4v4_g64", 2, 300)
 
 
+def test_plus_presets_are_kvarn_preset_choices(prepare):
+    sa = prepare("--kv-cache", "kvarn", "--page-size", "128", "--kvarn-preset", "k2v2_g128_plus")
+    assert sa._kvarn_preset == "k2v2_g128_plus"
+    from kvarn_sglang.settings import settings_of
+
+    assert settings_of(sa).config(128).refit_iters == 4
+
+
 def test_without_kvarn_nothing_changes(prepare):
     sa = prepare("--page-size", "128")
     assert sa.kv_cache_dtype == "auto" and not hasattr(sa, "_kvarn_preset")
