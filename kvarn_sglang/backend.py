@@ -33,6 +33,9 @@ from kvarn_sglang.reference import ref_decode_attention, ref_extend_attention
 class KVarNAttnBackend(AttentionBackend):
     """Decode-consistent attention over packed KVarN pages (see the module docstring)."""
 
+    # Planning reads host lengths (which pages complete in a pass), in graph replay too.
+    needs_cpu_seq_lens: bool = True
+
     def __init__(self, model_runner) -> None:
         super().__init__()
         pool = model_runner.token_to_kv_pool
@@ -89,7 +92,10 @@ class KVarNAttnBackend(AttentionBackend):
         store.flush_released()
         bs = forward_batch.batch_size
         real = bs - int(getattr(forward_batch, "num_padding", 0) or 0)
-        seq = [int(x) for x in forward_batch.seq_lens_cpu[:real].tolist()]
+        seq_cpu = getattr(forward_batch, "seq_lens_cpu", None)
+        if seq_cpu is None and not in_capture:
+            raise ValueError("KVarN graph decode needs the batch's seq_lens_cpu")
+        seq = [] if seq_cpu is None else [int(x) for x in seq_cpu[:real].tolist()]
         table = self.graph_page_table[:bs]
         table.copy_(
             page_table_of(self.req_to_token, forward_batch.req_pool_indices, table.shape[1], g)
