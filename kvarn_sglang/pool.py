@@ -151,9 +151,11 @@ class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
         return store.free_slots >= num_slots
 
     def _assign(self, out: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
-        if out is not None and rows:
+        """Give the pages of ``out[rows]`` (allocated token slots) their fp16 slots."""
+        store = self._store()
+        if out is not None and rows and store is not None:
             index = torch.tensor(rows, dtype=torch.long).to(out.device, non_blocking=True)
-            self._store().assign_slots(out[index] // self.page_size)
+            store.assign_slots(out[index] // self.page_size)
         return out
 
     def alloc(self, need_size: int):
