@@ -25,7 +25,13 @@ from __future__ import annotations
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from kvarn_sglang.forward_plan import ForwardPlan, build_plan, page_table_of
+from kvarn_sglang.forward_plan import (
+    ForwardPlan,
+    build_plan,
+    completed_pages,
+    gather_pages,
+    page_table_of,
+)
 from kvarn_sglang.pool import KVarNTokenToKVPool
 from kvarn_sglang.reference import ref_decode_attention, ref_extend_attention
 
@@ -102,12 +108,11 @@ class KVarNAttnBackend(AttentionBackend):
         )
         commits = self.graph_commits[:bs]
         commits.zero_()
-        rows = [b for b, s in enumerate(seq) if s % g == 0 and s // g > sink]
-        if rows and not in_capture:
-            at = torch.tensor([[b, seq[b] // g - 1] for b in rows], dtype=torch.long)
-            at = at.to(table.device, non_blocking=True)
-            pages = table[at[:, 0], at[:, 1]]
-            commits[: len(rows)] = pages
+        # A decode step completes a page from its slot, never directly (G > 1).
+        from_slots, _, _ = completed_pages([s - 1 for s in seq], seq, g, sink)
+        if from_slots and not in_capture:
+            pages = gather_pages(table, from_slots)
+            commits[: len(from_slots)] = pages
             store.defer_release(pages)
         self.plan = ForwardPlan(
             page_table=table,

@@ -82,6 +82,32 @@ def page_table_of(
     return first_tokens[req_pool_indices.long()].long() // page_size
 
 
+def completed_pages(
+    prefix_lens: list[int], seq_lens: list[int], page_size: int, sink_pages: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[list[int]]]:
+    """The completed non-sink pages of a pass, as ``(batch row, page index)`` pairs:
+    ``(from_slots, direct, direct_rows)`` (see the module docstring); ``direct_rows[i]`` are
+    the rows of the pass's new tokens filling ``direct[i]``."""
+    g, from_slots, direct, direct_rows, row0 = page_size, [], [], [], 0
+    for b, (p, s) in enumerate(zip(prefix_lens, seq_lens, strict=True)):
+        for j in range(max(p // g, sink_pages), s // g):
+            if j * g < p:
+                from_slots.append((b, j))
+            else:
+                direct.append((b, j))
+                direct_rows.append(list(range(row0 + j * g - p, row0 + (j + 1) * g - p)))
+        row0 += s - p
+    return from_slots, direct, direct_rows
+
+
+def gather_pages(page_table: torch.Tensor, at: list[tuple[int, int]]) -> torch.Tensor:
+    """``int64 [len(at)]``: the page ids at ``(batch row, page index)`` pairs of a table."""
+    if not at:
+        return page_table.new_zeros(0)
+    idx = torch.tensor(at, dtype=torch.long).to(page_table.device, non_blocking=True)
+    return page_table[idx[:, 0], idx[:, 1]]
+
+
 def build_plan(
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
@@ -101,22 +127,7 @@ def build_plan(
     g, dev = page_size, req_to_token.device
     max_pages = max((-(-s // g) for s in seq_lens), default=1)
     page_table = page_table_of(req_to_token, req_pool_indices, max_pages, g)
-    commit_at, direct_at, direct_rows = [], [], []  # (batch row, page index)
-    row0 = 0
-    for b, (p, s) in enumerate(zip(prefix_lens, seq_lens, strict=True)):
-        for j in range(max(p // g, sink_pages), s // g):  # completed non-sink pages
-            if j * g < p:
-                commit_at.append((b, j))
-            else:
-                direct_at.append((b, j))
-                direct_rows.append(list(range(row0 + j * g - p, row0 + (j + 1) * g - p)))
-        row0 += s - p
-
-    def pages(at: list[tuple[int, int]]) -> torch.Tensor:
-        if not at:
-            return torch.zeros(0, dtype=torch.long, device=dev)
-        idx = torch.tensor(at, dtype=torch.long).to(dev, non_blocking=True)
-        return page_table[idx[:, 0], idx[:, 1]]
+    from_slots, direct, direct_rows = completed_pages(prefix_lens, seq_lens, g, sink_pages)
 
     def as_dev(xs) -> torch.Tensor:
         return torch.tensor(xs, dtype=torch.long).to(dev, non_blocking=True)
@@ -126,7 +137,7 @@ def build_plan(
         prefix_lens=as_dev(prefix_lens),
         extend_lens=as_dev([s - p for p, s in zip(prefix_lens, seq_lens, strict=True)]),
         seq_lens=as_dev(seq_lens),
-        slot_commits=pages(commit_at),
-        direct_pages=pages(direct_at),
+        slot_commits=gather_pages(page_table, from_slots),
+        direct_pages=gather_pages(page_table, direct),
         direct_rows=as_dev(direct_rows).view(-1, g),
     )
