@@ -128,13 +128,18 @@ class PageStore:
         if page_ids.numel():
             self._pending.append(page_ids)
 
+    def _release(self, pages: torch.Tensor, slots: torch.Tensor) -> None:
+        """Push ``slots`` (held by ``pages``, or a subset) back on the free stack and point
+        ``pages`` at the scratch slot."""
+        m = slots.numel()
+        self._stack[self._top : self._top + m] = slots
+        self._top += m
+        self.page_slot[pages] = self.scratch
+
     def flush_released(self) -> None:
         """Apply deferred releases: their slots return to the free stack."""
         for pages in self._pending:
-            m = pages.numel()
-            self._stack[self._top : self._top + m] = self.page_slot[pages]
-            self.page_slot[pages] = self.scratch
-            self._top += m
+            self._release(pages, self.page_slot[pages])
         self._pending.clear()
 
     def forget_pages(self, page_ids: torch.Tensor) -> None:
@@ -144,12 +149,8 @@ class PageStore:
         self.flush_released()
         pages = torch.unique(page_ids[page_ids > 0])
         slots = self.page_slot[pages]
-        held = slots != self.scratch
-        slots = slots[held]
-        m = slots.numel()  # one host synchronisation: how many of the pages held a slot
-        self._stack[self._top : self._top + m] = slots
-        self._top += m
-        self.page_slot[pages] = self.scratch
+        # One host synchronisation: how many of the pages held a slot.
+        self._release(pages, slots[slots != self.scratch])
         self.commits[pages] = 0
 
     def write(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
