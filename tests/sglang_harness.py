@@ -155,24 +155,35 @@ class SimServer:
             return False
         for r, s, slot in zip(reqs, seq, loc.tolist(), strict=True):
             self.req_pool.req_to_token[r.row, s - 1] = slot
-        if graph_bs is None:
-            self._forward(reqs, [s - 1 for s in seq], seq, loc, decode=True)
-        else:
-            self._forward_graph(reqs, seq, loc, graph_bs)
+        self._forward(reqs, [s - 1 for s in seq], seq, loc, decode=True, graph_bs=graph_bs)
         return True
 
-    def _forward(self, reqs, pre, seq, loc, decode: bool) -> None:
+    def _forward(self, reqs, pre, seq, loc, decode: bool, graph_bs: int | None = None) -> None:
+        """One pass over every layer; with ``graph_bs``, a decode step padded to ``graph_bs``
+        rows (padding rows carry garbage) and planned the way a CUDA-graph replay is."""
+        pad = 0 if graph_bs is None else graph_bs - len(reqs)
         fb = SimpleNamespace(
-            forward_mode=_Mode(decode), seq_lens_cpu=torch.tensor(seq), extend_prefix_lens_cpu=pre,
-            req_pool_indices=torch.tensor([r.row for r in reqs]), out_cache_loc=loc,
+            forward_mode=_Mode(decode), extend_prefix_lens_cpu=pre, batch_size=len(reqs) + pad,
+            num_padding=pad, seq_lens=torch.tensor(seq + [1] * pad),
+            seq_lens_cpu=torch.tensor(seq + [1] * pad),
+            req_pool_indices=torch.tensor([r.row for r in reqs] + [0] * pad),
+            out_cache_loc=torch.cat([loc, torch.zeros(pad, dtype=loc.dtype)]),
         )  # fmt: skip
-        self.backend.init_forward_metadata(fb)
+        if graph_bs is None:
+            self.backend.init_forward_metadata(fb)
+        else:
+            if self.backend.graph_page_table is None:
+                self.backend.init_cuda_graph_state(max_bs=graph_bs, max_num_tokens=graph_bs)
+            self.backend.init_forward_metadata_out_graph(fb)
+            self.backend.init_forward_metadata_in_graph(fb)
         for layer in self.layers:
             parts = [
                 self.qkv(layer.layer_id, r.tokens[p:s], p)
                 for r, p, s in zip(reqs, pre, seq, strict=True)
             ]
             q, k, v = (torch.cat([x[i] for x in parts]) for i in range(3))
+            noise = torch.randn(pad, *q.shape[1:]) * 1e3
+            q, k, v = (torch.cat([x, noise[:, : x.shape[1]]]) for x in (q, k, v))
             fwd = self.backend.forward_decode if decode else self.backend.forward_extend
             out = fwd(q.reshape(len(q), -1), k, v, layer, fb).view(-1, self.hq, self.d)
             start = 0
@@ -180,33 +191,6 @@ class SimServer:
                 for i in range(s - p):
                     r.outputs.setdefault(p + i, []).append(out[start + i].float())
                 start += s - p
-        for r, s in zip(reqs, seq, strict=True):
-            r.kv_len = s
-
-    def _forward_graph(self, reqs, seq, loc, bs: int) -> None:
-        pad = bs - len(reqs)
-        fb = SimpleNamespace(
-            forward_mode=_Mode(True), batch_size=bs, num_padding=pad,
-            seq_lens=torch.tensor(seq + [1] * pad), seq_lens_cpu=torch.tensor(seq + [1] * pad),
-            req_pool_indices=torch.tensor([r.row for r in reqs] + [0] * pad),
-            out_cache_loc=torch.cat([loc, torch.zeros(pad, dtype=loc.dtype)]),
-        )  # fmt: skip
-        if self.backend.graph_page_table is None:
-            self.backend.init_cuda_graph_state(max_bs=bs, max_num_tokens=bs)
-        self.backend.init_forward_metadata_out_graph(fb)
-        self.backend.init_forward_metadata_in_graph(fb)
-        for layer in self.layers:
-            parts = [
-                self.qkv(layer.layer_id, r.tokens[s - 1 : s], s - 1)
-                for r, s in zip(reqs, seq, strict=True)
-            ]
-            q, k, v = (torch.cat([x[i] for x in parts]) for i in range(3))
-            noise = torch.randn(pad, *q.shape[1:]) * 1e3  # padding rows carry garbage
-            q, k, v = (torch.cat([x, noise[:, : x.shape[1]]]) for x in (q, k, v))
-            out = self.backend.forward_decode(q.reshape(bs, -1), k, v, layer, fb)
-            out = out.view(bs, self.hq, self.d)
-            for i, (r, s) in enumerate(zip(reqs, seq, strict=True)):
-                r.outputs.setdefault(s - 1, []).append(out[i].float())
         for r, s in zip(reqs, seq, strict=True):
             r.kv_len = s
 
