@@ -1,16 +1,18 @@
 """``KVarNAttnBackend``: SGLang attention over a ``KVarNTokenToKVPool``.
 
-Per forward pass, ``init_forward_metadata`` plans the pages (``forward_plan``); the allocator
-already gave every page that receives tokens and needs one an fp16 slot. Per layer,
-``forward_extend``/``forward_decode``
+Per forward pass, ``init_forward_metadata`` plans the pages (``forward_plan``) and schedules,
+in one place (``_begin_pass``), the release of the fp16 slots of the pages this pass commits
+from them; the allocator already gave every page that receives tokens and needs one an fp16
+slot. Per layer, ``forward_extend``/``forward_decode``
 
 1. write the new K/V into fp16 slots (``set_kv_buffer``);
 2. commit the pages completed in this pass (quantize once, per layer), so later tokens of
    the same pass read them quantized, as decode-consistent semantics require;
 3. run attention: the Triton kernels on CUDA, the torch reference elsewhere (the same
-   semantics; the kernels are tested against it);
-4. after the last layer, hand the committed pages' slots back (applied before the next
-   allocation, see ``page_store``).
+   semantics; the kernels are tested against it).
+
+The scheduled releases are applied when the next pass or allocation starts, after this pass
+has run (``page_store`` draws a page's whole life).
 
 Decode can be captured in a CUDA graph (``--cuda-graph-backend-decode full``):
 ``init_cuda_graph_state`` allocates a static page table and a static commit list;
@@ -59,13 +61,12 @@ class KVarNAttnBackend(AttentionBackend):
 
     # ------------------------------------------------------------------ eager metadata
     def init_forward_metadata(self, forward_batch) -> None:
-        self.pool.store.flush_released()
         seq = [int(x) for x in forward_batch.seq_lens_cpu.tolist()]
         if forward_batch.forward_mode.is_decode():
             prefix = [s - 1 for s in seq]
         else:
             prefix = [int(x) for x in forward_batch.extend_prefix_lens_cpu]
-        self.plan = build_plan(
+        plan = build_plan(
             self.req_to_token,
             forward_batch.req_pool_indices,
             prefix,
@@ -73,6 +74,7 @@ class KVarNAttnBackend(AttentionBackend):
             self.config.page_size,
             self.config.sink_pages,
         )
+        self._begin_pass(plan, plan.slot_commits)
 
     # ------------------------------------------------------------------ CUDA-graph decode
     def get_cuda_graph_seq_len_fill_value(self) -> int:
@@ -94,8 +96,7 @@ class KVarNAttnBackend(AttentionBackend):
                 "KVarN captures decode only: call init_cuda_graph_state first and keep "
                 "--cuda-graph-backend-prefill disabled"
             )
-        store, g, sink = self.pool.store, self.config.page_size, self.config.sink_pages
-        store.flush_released()
+        g, sink = self.config.page_size, self.config.sink_pages
         bs = forward_batch.batch_size
         real = bs - int(getattr(forward_batch, "num_padding", 0) or 0)
         seq_cpu = getattr(forward_batch, "seq_lens_cpu", None)
@@ -111,10 +112,8 @@ class KVarNAttnBackend(AttentionBackend):
         # A decode step completes a page from its slot, never directly (G > 1).
         from_slots, _, _ = completed_pages([s - 1 for s in seq], seq, g, sink)
         if from_slots and not in_capture:
-            pages = gather_pages(table, from_slots)
-            commits[: len(from_slots)] = pages
-            store.defer_release(pages)
-        self.plan = ForwardPlan(
+            commits[: len(from_slots)] = gather_pages(table, from_slots)
+        plan = ForwardPlan(
             page_table=table,
             prefix_lens=forward_batch.seq_lens[:bs] - 1,
             extend_lens=torch.ones_like(forward_batch.seq_lens[:bs]),
@@ -124,6 +123,14 @@ class KVarNAttnBackend(AttentionBackend):
             direct_rows=commits[:0].view(0, g),
             in_graph=True,
         )
+        self._begin_pass(plan, commits[: len(from_slots)])  # not the page-0 padding
+
+    def _begin_pass(self, plan: ForwardPlan, released: torch.Tensor) -> None:
+        """The one place where a pass's slot releases are scheduled, eager and graph alike:
+        the pages ``released`` that this pass commits from their fp16 slots hand the slots
+        back once it has run (``PageStore.begin_pass``)."""
+        self.pool.store.begin_pass(released)
+        self.plan = plan
 
     def init_forward_metadata_in_graph(self, forward_batch) -> None:
         """Nothing to record: the static buffers are filled before every replay."""
@@ -140,8 +147,6 @@ class KVarNAttnBackend(AttentionBackend):
         store.commit_slots(local, plan.slot_commits, check_finite=not plan.in_graph)
         rows = plan.direct_rows
         store.commit(local, plan.direct_pages, k[rows], v[rows])
-        if layer.layer_id == self.pool.end_layer and not plan.in_graph:
-            store.defer_release(plan.slot_commits)
         return local
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kw):

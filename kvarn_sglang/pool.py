@@ -20,6 +20,8 @@ quantized) and releases their slots after the forward pass; the paired allocator
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
@@ -28,6 +30,8 @@ from kvarn_sglang.config import KVarNConfig
 from kvarn_sglang.forward_plan import slot_positions
 from kvarn_sglang.page_store import PageStore
 from kvarn_sglang.settings import KVarNSettings, active_settings
+
+logger = logging.getLogger(__name__)
 
 
 class KVarNTokenToKVPool(MHATokenToKVPool):
@@ -82,6 +86,14 @@ class KVarNTokenToKVPool(MHATokenToKVPool):
             dtype=self.dtype,
             device=self.device,
         )
+        store, cfg = self.store, self.kvarn_config
+        logger.info(
+            "KVarN pool: preset %s, %d layers x %d KV heads, %d packed pages (%d tokens, "
+            "%.2f GiB) + %d fp16 slots (sink pages %d per request + filling pages, %.2f GiB)",
+            cfg.name, self.layer_num, self.head_num, store.num_pages - 1, self.size,
+            (store.nbytes - store.slot_nbytes) / 2**30, store.num_slots, cfg.sink_pages,
+            store.slot_nbytes / 2**30,
+        )  # fmt: skip
 
     def get_kv_size_bytes(self) -> tuple[int, int]:
         total = self.store.nbytes
@@ -120,6 +132,7 @@ class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
     """
 
     _tree_cache = None
+    idle_checks = 0  # how often SGLang's idle memory check ran ``verify_byte_accounting``
 
     def _store(self):
         return getattr(self.get_kvcache(), "store", None)
@@ -205,6 +218,49 @@ class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
         store = self._store()
         if store is not None and page_ids:
             store.forget_pages(torch.cat([p.reshape(-1) for p in page_ids]))
+
+    def verify_byte_accounting(self) -> list[str]:
+        """SGLang's idle-time check: every fp16 slot is either free or held by an allocated
+        page that is not committed (a filling page or a sink page); violations are leaks."""
+        violations = list(super().verify_byte_accounting())
+        self.idle_checks += 1
+        store = self._store()
+        if store is None:
+            return violations
+        store.flush_released()
+        held = store.page_slot != store.scratch
+        free_pages = self.get_all_free_pages()
+        stack = store.free_slot_ids()
+        checks = {
+            "free pages still hold fp16 slots": int(held[free_pages].sum()),
+            "committed pages still hold fp16 slots": int((held & (store.commits > 0)).sum()),
+            "slots neither free nor held": store.num_slots - int(held.sum()) - len(stack),
+            "slots both free and held (or free twice)": len(stack)
+            - int(torch.unique(stack).numel())
+            + int(torch.isin(store.page_slot[held], stack).sum()),
+        }
+        violations += [f"kvarn: {n} {what}" for what, n in checks.items() if n]
+        return violations
+
+    def kvarn_state(self) -> dict:
+        """What the scheduler reports about the KVarN pool (``/get_server_info``)."""
+        store, pool = self._store(), self.get_kvcache()
+        store.flush_released()
+        cfg = store.config
+        return {
+            "preset": cfg.name,
+            "sink_pages": cfg.sink_pages,
+            "page_size": self.page_size,
+            "slots_total": store.num_slots,
+            "slots_free": store.free_slots,
+            "pages_total": self.size // self.page_size,
+            "pages_free": self.available_size() // self.page_size,
+            "token_capacity": self.size,
+            "pool_bytes": store.nbytes,
+            "slot_bytes": store.slot_nbytes,
+            "layers": pool.layer_num,
+            "idle_checks": self.idle_checks,
+        }
 
     def clear(self) -> None:
         super().clear()

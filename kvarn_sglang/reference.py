@@ -38,6 +38,7 @@ from kvarn_sglang.config import KVarNConfig
 from kvarn_sglang.layout import PageLayout, TileCodes, decode_tiles, encode_tiles
 from kvarn_sglang.layout import pack_codes as pack_codes  # re-exported: packing is spec
 from kvarn_sglang.layout import unpack_codes as unpack_codes
+from kvarn_sglang.page_attention import paged_attention
 from kvarn_sglang.rtn import SCALE_MIN as SCALE_MIN  # re-exported: RTN is spec
 from kvarn_sglang.rtn import refit_rows as refit_rows
 from kvarn_sglang.rtn import rtn_quantize as rtn_quantize
@@ -429,12 +430,13 @@ def ref_decode_attention(
         own = (n - 1) // g
         k_read, v_read = cache.read_finished(page_table[b, :own], config)
         k_own, v_own = cache.read(page_table[b, own : own + 1], config, fp16=True)
-        pos = torch.tensor([n - 1], device=q.device)
         last = n - own * g
-        o = decode_consistent_attention(
-            q[b : b + 1], pos, k_read, v_read, k_own[:last], v_own[:last], own * g, g, sm_scale
-        )
-        out.append(o[0])
+        o = paged_attention(
+            q[b : b + 1].transpose(0, 1), n - 1, k_read.transpose(0, 1),
+            v_read.transpose(0, 1), k_own[:last].transpose(0, 1), v_own[:last].transpose(0, 1),
+            own * g, g, sm_scale,
+        )  # fmt: skip
+        out.append(o[:, 0])
     return torch.stack(out)
 
 
@@ -476,10 +478,9 @@ def ref_extend_attention(
         k_pre, v_pre = k_pre[: pre - own_start], v_pre[: pre - own_start]
         k_own = torch.cat([k_pre, k_new[rows].float()])
         v_own = torch.cat([v_pre, v_new[rows].float()])
-        pos = torch.arange(pre, pre + ext, device=q.device)
-        out.append(
-            decode_consistent_attention(
-                q[rows], pos, k_read, v_read, k_own, v_own, own_start, g, sm_scale
-            )
-        )
+        o = paged_attention(
+            q[rows].transpose(0, 1), pre, k_read.transpose(0, 1), v_read.transpose(0, 1),
+            k_own.transpose(0, 1), v_own.transpose(0, 1), own_start, g, sm_scale,
+        )  # fmt: skip
+        out.append(o.transpose(0, 1))
     return torch.cat(out) if out else q.new_zeros(0, *q.shape[1:]).float()

@@ -16,7 +16,9 @@ def after_get_kv_pool_cls(result, self, *args, **kwargs):
     if settings is None:
         return result
     if kind != "mha":
-        raise ValueError(f"--kv-cache kvarn supports MHA pools only (SGLang asked for {kind})")
+        # SGLang resolves the class of every pool kind before it picks one; MLA/DSA models
+        # were already refused at startup (``server_args.refuse_model``).
+        return result
     from kvarn_sglang.pool import KVarNTokenToKVPool
 
     return KVarNTokenToKVPool

@@ -3,12 +3,16 @@
 * ``ServerArgs.add_cli_args`` (AFTER): ``kvarn`` becomes a ``--kv-cache-dtype`` choice (so
   ``--kv-cache kvarn`` parses by abbreviation) and an ``--attention-backend`` choice; adds
   ``--kvarn-preset``, ``--kvarn-sink-pages``, ``--kvarn-slots``.
-* ``ServerArgs.from_cli_args`` (AFTER): carries the flags as ``_kvarn_*`` attributes, selects
-  the ``kvarn`` attention backend, turns prefill CUDA graphs and overlap scheduling off and
-  decode CUDA graphs off unless ``--cuda-graph-backend-decode full`` asks for them, and
-  refuses unsupported flags with one message each; without ``--kv-cache kvarn`` it refuses
-  the ``--kvarn-*`` flags and ``--attention-backend kvarn``, which would otherwise be ignored
-  or fail later.
+* ``ServerArgs.from_cli_args`` (AFTER): carries the ``--kvarn-*`` flags as ``_kvarn_*``
+  attributes; without ``--kv-cache kvarn`` it refuses them and ``--attention-backend kvarn``,
+  which would otherwise be ignored or fail later.
+* ``ServerArgs.resolve_once`` (BEFORE): with ``kv_cache_dtype == "kvarn"`` refuses
+  unsupported flags and selects the KVarN configuration (the ``kvarn`` attention backend;
+  prefill CUDA graphs and overlap scheduling off; decode CUDA graphs off unless
+  ``--cuda-graph-backend-decode full`` asks for them). Every launcher resolves its
+  ``ServerArgs`` once before it starts workers, so the CLI and the offline
+  ``sglang.Engine(kv_cache_dtype="kvarn", ...)`` get the same settings and refusals (the
+  Engine takes the default preset, or a ``ServerArgs`` from ``prepare_server_args``).
 * ``ServerArgs.resolve_once`` (AFTER): refuses unsupported models (needs the model config).
 
 Every refusal is a ``ValueError`` whose message names the flag to change.
@@ -17,11 +21,19 @@ Every refusal is a ``ValueError`` whose message names the flag to change.
 from __future__ import annotations
 
 from kvarn_sglang.config import DEFAULT_PRESET, PRESETS, SUPPORTED_HEAD_DIMS
-from kvarn_sglang.settings import DEFAULT_MAX_RUNNING_REQUESTS, KV_CACHE_CHOICE, settings_of
+from kvarn_sglang.settings import (
+    DEFAULT_MAX_RUNNING_REQUESTS,
+    KV_CACHE_CHOICE,
+    KVarNSettings,
+    settings_of,
+)
 
 ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
 FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
 RESOLVE_ONCE = "sglang.srt.server_args.ServerArgs.resolve_once"
+# The CLI flags and the ServerArgs attributes that carry them to every process.
+KVARN_FLAGS = {"kvarn_preset": "_kvarn_preset", "kvarn_sink_pages": "_kvarn_sink_pages",
+               "kvarn_slots": "_kvarn_slots"}  # fmt: skip
 
 # (raw flag attribute, value that is fine, message)
 _REFUSED_FLAGS = [
@@ -62,21 +74,22 @@ def after_add_cli_args(result, parser):
     return result
 
 
-def refuse_flags(args) -> None:
-    """Raise ``ValueError`` for a flag KVarN does not support yet (args: argparse namespace)."""
-    preset = PRESETS[args.kvarn_preset]
+def refuse_flags(args, settings: KVarNSettings) -> None:
+    """Raise ``ValueError`` for a flag KVarN does not support yet (``args``: a raw
+    ``ServerArgs``; ``settings``: its ``--kvarn-*`` flags)."""
+    preset = PRESETS[settings.preset]
     if args.page_size != preset.page_size:
         raise ValueError(
             f"--kv-cache kvarn with --kvarn-preset {preset.name} needs --page-size "
             f"{preset.page_size} (got {args.page_size})"
         )
-    if args.kvarn_sink_pages < 0:
-        raise ValueError(f"--kvarn-sink-pages must be >= 0 (got {args.kvarn_sink_pages})")
-    running = args.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS
-    least = running * (args.kvarn_sink_pages + 1)
-    if args.kvarn_slots is not None and args.kvarn_slots < least:
+    if settings.sink_pages < 0:
+        raise ValueError(f"--kvarn-sink-pages must be >= 0 (got {settings.sink_pages})")
+    running = settings.max_running_requests
+    least = running * (settings.sink_pages + 1)
+    if settings.slots is not None and settings.slots < least:
         raise ValueError(
-            f"--kvarn-slots {args.kvarn_slots} is too few fp16 page slots: {running} running "
+            f"--kvarn-slots {settings.slots} is too few fp16 page slots: {running} running "
             f"requests hold up to {least} (--max-running-requests x (--kvarn-sink-pages + 1)); "
             f"raise --kvarn-slots to at least {least} or lower --max-running-requests"
         )
@@ -125,21 +138,33 @@ def after_from_cli_args(result, cls, args):
     if getattr(args, "kv_cache_dtype", None) != KV_CACHE_CHOICE:
         refuse_without_kvarn(args)
         return result
-    refuse_flags(args)
-    result._kvarn_preset = args.kvarn_preset
-    result._kvarn_sink_pages = args.kvarn_sink_pages
-    result._kvarn_slots = args.kvarn_slots
-    result.attention_backend = KV_CACHE_CHOICE
+    for flag, attribute in KVARN_FLAGS.items():
+        setattr(result, attribute, getattr(args, flag))
+    return result
+
+
+def configure_kvarn(server_args) -> None:
+    """Refuse what KVarN does not support and select its configuration on a raw
+    ``ServerArgs`` whose ``kv_cache_dtype`` is ``kvarn`` (before resolution)."""
+    from kvarn_sglang.plugin import require_hooks
+
+    require_hooks()
+    if server_args.max_running_requests is None:
+        server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
+    refuse_flags(server_args, settings_of(server_args))
+    server_args.attention_backend = KV_CACHE_CHOICE
     # Decode CUDA graphs are opt-in (--cuda-graph-backend-decode full) until run on a GPU.
-    if getattr(args, "cuda_graph_backend_decode", None) is None:
-        result.cuda_graph_backend_decode = "disabled"
-    result.cuda_graph_backend_prefill = "disabled"
+    if server_args.cuda_graph_backend_decode is None:
+        server_args.cuda_graph_backend_decode = "disabled"
+    server_args.cuda_graph_backend_prefill = "disabled"
     # Slot bookkeeping runs on the scheduler's stream between passes; overlap scheduling
     # would run it beside the previous pass on another stream.
-    result.disable_overlap_schedule = True
-    if result.max_running_requests is None:
-        result.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
-    return result
+    server_args.disable_overlap_schedule = True
+
+
+def before_resolve_once(self):
+    if settings_of(self) is not None and not getattr(self, "_resolution_finished", False):
+        configure_kvarn(self)
 
 
 def refuse_model(model_config, tp_size: int) -> None:

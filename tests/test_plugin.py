@@ -54,9 +54,9 @@ def test_kv_cache_kvarn_selects_the_kvarn_configuration(prepare):
     sa = prepare("--kv-cache", "kvarn", "--page-size", "128")
     assert sa.kv_cache_dtype == "kvarn"
     assert sa._kvarn_preset == "k4v2_g128" and sa._kvarn_sink_pages == 1
+    sa.resolve_once()
     assert sa.attention_backend == "kvarn" and sa.cuda_graph_backend_decode == "disabled"
     assert sa.max_running_requests == 128
-    sa.resolve_once()
     from sglang.srt.arg_groups.overrides import resolution_result
 
     assert resolution_result(sa, "attention_backend") == "kvarn"
@@ -64,10 +64,67 @@ def test_kv_cache_kvarn_selects_the_kvarn_configuration(prepare):
 
 def test_decode_cuda_graphs_are_opt_in_and_overlap_scheduling_is_off(prepare):
     sa = prepare("--kv-cache", "kvarn", "--page-size", "128")
+    sa.resolve_once()
     assert sa.cuda_graph_backend_decode == "disabled" and sa.disable_overlap_schedule
     assert sa.cuda_graph_backend_prefill == "disabled"
     sa = prepare("--kv-cache", "kvarn", "--page-size", "128", "--cuda-graph-backend-decode", "full")
+    sa.resolve_once()
     assert sa.cuda_graph_backend_decode == "full"
+
+
+def test_engine_keyword_arguments_get_the_cli_settings_and_refusals(prepare, tmp_path):
+    """``sglang.Engine(**kwargs)`` builds ``ServerArgs(**kwargs)`` without the CLI parser:
+    resolving it applies the same KVarN settings and refusals as ``--kv-cache kvarn``."""
+    from sglang.srt.server_args import ServerArgs
+
+    model = prepare("--page-size", "128").model_path
+    sa = ServerArgs(model_path=model, device="cpu", kv_cache_dtype="kvarn", page_size=128)
+    sa.resolve_once()
+    assert sa.attention_backend == "kvarn" and sa.disable_overlap_schedule
+    assert sa.max_running_requests == 128 and sa.cuda_graph_backend_decode == "disabled"
+    from kvarn_sglang.settings import settings_of
+
+    assert settings_of(sa).preset == "k4v2_g128"
+    refused = ServerArgs(model_path=model, device="cpu", kv_cache_dtype="kvarn", page_size=16)
+    with pytest.raises(ValueError, match="needs --page-size 128"):
+        refused.resolve_once()
+    refused = ServerArgs(model_path=model, device="cpu", kv_cache_dtype="kvarn",
+                         page_size=128, attention_backend="triton")  # fmt: skip
+    with pytest.raises(ValueError, match="--attention-backend kvarn"):
+        refused.resolve_once()
+
+
+def test_a_hook_sglang_did_not_apply_refuses_the_start(prepare, monkeypatch):
+    """SGLang only logs "Failed to apply hooks"; a KVarN server refuses to start instead."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from kvarn_sglang.patches.platform import GET_KV_POOL_CLS
+    from kvarn_sglang.plugin import missing_hooks
+
+    assert missing_hooks() == []
+    monkeypatch.setattr(HookRegistry, "_patched", HookRegistry._patched - {GET_KV_POOL_CLS})
+    assert missing_hooks() == [GET_KV_POOL_CLS]
+    sa = prepare("--kv-cache", "kvarn", "--page-size", "128")
+    with pytest.raises(RuntimeError, match=r"did not apply the KVarN hooks on .*get_kv_pool_cls"):
+        sa.resolve_once()
+    with pytest.raises(RuntimeError, match="refusing to start"):
+        kv_cache_dtype.around_configure_kv_cache_dtype(
+            None, server_args_kv_cache_dtype="kvarn", model_dtype=torch.bfloat16
+        )
+
+
+def test_a_hook_failing_in_sglang_is_detected():
+    """A target SGLang cannot patch stays out of ``HookRegistry._patched``, which is what
+    ``require_hooks`` reads."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    target = "sglang.srt.server_args.ServerArgs.no_such_method_kvarn_test"
+    HookRegistry.register(target, lambda result, *a, **k: result, HookType.AFTER)
+    try:
+        HookRegistry.apply_hooks()  # logs "Failed to apply hooks", raises nothing
+        assert target not in HookRegistry._patched
+    finally:
+        HookRegistry._hooks.pop(target, None)
 
 
 def test_kvarn_flags_are_real(prepare):
@@ -127,7 +184,7 @@ PACKED_PAGE = 32 * 8 * 13824  # one k4v2_g128 page over all layers and KV heads
 def _refusal(kind: str, arg, prepare, monkeypatch) -> None:
     """Run one row of the refusal matrix; it must raise ``ValueError``."""
     if kind == "flags":
-        prepare("--kv-cache", "kvarn", *arg)
+        prepare("--kv-cache", "kvarn", *arg).resolve_once()
     elif kind == "without_kvarn":
         prepare("--page-size", "128", *arg)
     elif kind == "model":
@@ -211,8 +268,10 @@ def test_startup_refusal_matrix(prepare, monkeypatch, kind, arg, flag):
 def test_supported_neighbours_of_the_refusals_start(prepare, monkeypatch):
     """The edge of every numeric refusal is accepted."""
     sa = prepare("--kv-cache", "kvarn", *P128, "--kvarn-slots", "256", "--dtype", "bfloat16")
+    sa.resolve_once()
     assert sa._kvarn_slots == 256
     sa = prepare("--kv-cache", "kvarn", *P128, "--max-running-requests", "8", "--kvarn-slots", "16")
+    sa.resolve_once()
     assert sa.max_running_requests == 8
     from sglang.srt.configs import hybrid_arch
 
@@ -235,8 +294,9 @@ def kvarn_active(monkeypatch):
 def test_hooks_choose_kvarn_classes_and_turn_fused_kv_writes_off(kvarn_active):
     assert platform.after_get_kv_pool_cls(None, None, kind="mha") is KVarNTokenToKVPool
     assert platform.after_get_paged_allocator_cls(None, None) is KVarNPagedAllocator
-    with pytest.raises(ValueError, match="MHA pools only"):
-        platform.after_get_kv_pool_cls(None, None, kind="mla")
+    # SGLang resolves the class of every pool kind before it picks the MHA one.
+    assert platform.after_get_kv_pool_cls("mla_cls", None, kind="mla") == "mla_cls"
+    assert platform.after_get_kv_pool_cls("dsa_cls", None, kind="dsa") == "dsa_cls"
     assert models_utils.around_enable_fused_set_kv_buffer(lambda fb: True, None) is False
 
 
@@ -264,7 +324,7 @@ def test_pool_takes_its_config_and_slots_from_the_server_flags(kvarn_active, mon
         KVarNTokenToKVPool(128 * 2, 128, torch.float16, 1, 128, 1, "cpu", False, v_head_dim=64)
 
 
-def test_kv_dtype_and_capacity_hooks_count_real_bytes(kvarn_active):
+def test_kv_dtype_and_capacity_hooks_count_real_bytes(prepare, kvarn_active):
     out = kv_cache_dtype.around_configure_kv_cache_dtype(
         None, server_args_kv_cache_dtype="kvarn", model_dtype=torch.float32
     )
