@@ -34,6 +34,12 @@ Cache accounting: ``hit`` = matched prefix tokens; ``reprefilled`` = prompt toke
 unbounded radix cache at the same page size, fed with everything this server computed, would
 have matched but this server's tree no longer held (evicted; for int8, whose radix cache is
 disabled, never kept).
+
+What it stands in for: a Llama-3-8B-shaped memory system with a 40 GB KV budget and hundreds
+of running branches, which no real server reaches on a CPU. The real engine (stock SGLang's
+CPU server, ``benchmarks/bench_server.py`` and ``tests/test_server.py``) runs the same
+workloads end to end at SmolLM2 scale and proves the request lifecycle; this driver measures
+capacity at the scale where it matters.
 """
 
 from __future__ import annotations
@@ -127,7 +133,7 @@ class Server:
             cfg = pool.config
             self.kv = KVarNTokenToKVPool(
                 cap, self.ps, dt, 1, cfg.head_dim, 1, "cpu", False,
-                kvarn_config=cfg, num_slots=pool.num_slots,
+                start_layer=0, end_layer=1, kvarn_config=cfg, num_slots=pool.num_slots,
             )  # fmt: skip
             self.alloc = KVarNPagedAllocator(cap, self.ps, dt, "cpu", self.kv, need_sort=False)
             runner = SimpleNamespace(token_to_kv_pool=self.kv, req_to_token_pool=self.req_pool)

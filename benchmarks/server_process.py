@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -53,6 +54,26 @@ def http(url: str, payload: dict | None = None, timeout: float = 600.0) -> dict:
     with urllib.request.urlopen(request, timeout=timeout) as answer:
         body = answer.read()
     return json.loads(body) if body.strip() else {}
+
+
+def flush_cache(url: str) -> bool:
+    """Ask the server at ``url`` to drop its prefix cache; False while requests still run."""
+    request = urllib.request.Request(f"{url}/flush_cache", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            answer.read()
+        return True
+    except urllib.error.HTTPError:
+        return False
+
+
+def wait_until_flushed(url: str, timeout: float = 300.0) -> None:
+    """Flush the prefix cache as soon as the server at ``url`` is idle."""
+    deadline = time.monotonic() + timeout
+    while not flush_cache(url):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} never became idle enough to flush its cache")
+        time.sleep(1.0)
 
 
 class ServerProcess:
@@ -113,14 +134,7 @@ class ServerProcess:
         return http(f"{self.url}/generate", payload, timeout=timeout)
 
     def flush_cache(self) -> bool:
-        """Ask the server to drop its prefix cache; False while requests still run."""
-        request = urllib.request.Request(f"{self.url}/flush_cache", method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=120) as answer:
-                answer.read()
-            return True
-        except urllib.error.HTTPError:
-            return False
+        return flush_cache(self.url)
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -138,3 +152,29 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def start_together(*servers: ServerProcess):
+    """Start ``servers`` side by side (their startup is mostly imports) and stop them all on
+    exit; if one fails to start, the others are stopped and the error is raised."""
+    errors: list[BaseException] = []
+
+    def start(server: ServerProcess) -> None:
+        try:
+            server.start()
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()

@@ -92,12 +92,21 @@ class Workload:
 
 
 class _Gen:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, vocab: int = VOCAB, scale: float = 1.0) -> None:
         self.rng = random.Random(seed)
         self.next_sid = 0
+        self.vocab, self.scale = vocab, scale
 
     def ids(self, n: int) -> array:
-        return array("q", (self.rng.randrange(1, VOCAB) for _ in range(n)))
+        """``n`` fresh token ids, cut to ``n * scale`` (at least 1) and folded into
+        ``[1, vocab)``; the random stream, and so the workload's shape, is the same at
+        every scale and vocabulary."""
+        drawn = [self.rng.randrange(1, VOCAB) for _ in range(n)]
+        if self.scale != 1.0 and n:
+            drawn = drawn[: max(1, round(n * self.scale))]
+        if self.vocab != VOCAB:
+            drawn = [(t - 1) % (self.vocab - 1) + 1 for t in drawn]
+        return array("q", drawn)
 
     def u(self, lo: int, hi: int) -> int:
         return self.rng.randint(lo, hi)
@@ -175,15 +184,20 @@ def _docqa(g: _Gen, tasks: int) -> tuple[list[Spec], list[Spec]]:
     return [system], roots
 
 
-def make_workload(name: str, tasks: int, seed: int = 0) -> Workload:
+def make_workload(
+    name: str, tasks: int, seed: int = 0, *, vocab: int = VOCAB, scale: float = 1.0
+) -> Workload:
     """The workload ``name`` (one of ``WORKLOADS``) with ``tasks`` tasks / conversations /
-    documents, drawn from ``seed``."""
+    documents, drawn from ``seed``; token ids in ``[1, vocab)`` and every length scaled by
+    ``scale`` (a real model's vocabulary; a CPU-sized run), the shape unchanged."""
     builders = {"agentic": _agentic, "chat": _chat, "docqa": _docqa}
     if name not in builders:
         raise ValueError(f"Unknown workload {name!r}: expected one of {WORKLOADS}")
     if tasks < 1:
         raise ValueError(f"Invalid tasks {tasks}: expected >= 1")
-    warmup, roots = builders[name](_Gen(seed), tasks)
+    if not 0.0 < scale <= 1.0 or vocab < 2:
+        raise ValueError(f"Invalid scale {scale} or vocab {vocab}: expected (0, 1] and >= 2")
+    warmup, roots = builders[name](_Gen(seed, vocab, scale), tasks)
     return Workload(name, seed, warmup, roots)
 
 

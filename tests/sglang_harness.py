@@ -5,6 +5,16 @@
 way the scheduler does: match the prefix in the tree, allocate, extend in chunks, decode,
 insert into the tree, free. The "model" gives every (layer, token, position) a fixed Q/K/V,
 so the dense spec (``ref_decode_consistent_attention``) says what every output must be.
+
+What it stands in for, and why it stays: SGLang's request lifecycle itself is proven by the
+real engine (``tests/test_server.py``: the HTTP server, scheduler and model runner on a CPU;
+``tests/test_model_runner.py``: SGLang's own pool construction and decode loop). This driver
+still earns its place where the real engine cannot reach quickly: exact outputs against the
+dense spec for every layer and position (a real model has no closed-form answer), thousands
+of random operations per second (``test_random_operations_leave_no_leak_and_stay_exact``,
+``tests/stress.py``), and CUDA-graph-shaped decode replays with garbage padding rows on a CPU.
+The pool is built with the layer range SGLang passes (``start_layer=0``, ``end_layer`` =
+number of layers, exclusive), as ``KVCacheConfigurator`` does.
 """
 
 from __future__ import annotations
@@ -59,7 +69,7 @@ class SimServer:
         size = num_pages * g
         self.pool = KVarNTokenToKVPool(
             size, g, torch.float16, hkv, d, layers, "cpu", False,
-            kvarn_config=cfg, num_slots=num_slots,
+            start_layer=0, end_layer=layers, kvarn_config=cfg, num_slots=num_slots,
         )  # fmt: skip
         self.alloc = KVarNPagedAllocator(
             size, g, torch.float16, "cpu", kvcache=self.pool, need_sort=False

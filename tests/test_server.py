@@ -18,12 +18,17 @@ import json
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
 
-from benchmarks.server_process import SMOLLM2_HF, ServerProcess, cpu_engine_env
+from benchmarks.server_process import (
+    SMOLLM2_HF,
+    ServerProcess,
+    cpu_engine_env,
+    start_together,
+    wait_until_flushed,
+)
 from kvarn_sglang.models import read_text
 
 pytestmark = pytest.mark.server
@@ -53,21 +58,8 @@ def servers(tmp_path_factory):
     logs = tmp_path_factory.mktemp("server_logs")
     kvarn = ServerProcess(SMOLLM2_HF, KVARN_ARGS, logs / "kvarn.log")
     fp16 = ServerProcess(SMOLLM2_HF, FP16_ARGS, logs / "fp16.log")
-    started = []
-    try:
-        threads = [
-            threading.Thread(target=lambda s=s: started.append(s.start())) for s in (kvarn, fp16)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if len(started) != 2:
-            raise RuntimeError(f"a server did not start:\n{kvarn.log_tail()}\n{fp16.log_tail()}")
+    with start_together(kvarn, fp16):
         yield kvarn, fp16
-    finally:
-        kvarn.stop()
-        fp16.stop()
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +112,7 @@ def long_prompt(tokenizer) -> list[int]:
 def test_a_prefix_cache_hit_computes_what_a_miss_computes(kvarn_server, long_prompt):
     first = _greedy_ids(kvarn_server, long_prompt, 24)
     again = _greedy_ids(kvarn_server, long_prompt, 24)
-    _wait_until_flushed(kvarn_server)
+    wait_until_flushed(kvarn_server.url)
     fresh = _greedy_ids(kvarn_server, long_prompt, 24)
     assert first["meta_info"]["cached_tokens"] == 0 == fresh["meta_info"]["cached_tokens"]
     assert again["meta_info"]["cached_tokens"] == 512  # the four full pages
@@ -226,18 +218,10 @@ def test_a_mixed_multi_branch_load_completes(kvarn_server, tokenizer):
     assert max(cached) >= 384, cached
 
 
-def _wait_until_flushed(server: ServerProcess, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not server.flush_cache():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the server never became idle enough to flush its cache")
-        time.sleep(1.0)
-
-
 def test_idle_server_has_every_page_and_slot_back(kvarn_server):
     """After the load, with the server idle, SGLang's idle memory check (strict by default:
     a leak raises in the scheduler) has run, and a flush returns every page and slot."""
-    _wait_until_flushed(kvarn_server)
+    wait_until_flushed(kvarn_server.url)
     state = _kvarn_state(kvarn_server)
     assert state["slots_free"] == state["slots_total"], state
     assert state["pages_free"] == state["pages_total"], state
