@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -216,6 +217,23 @@ def test_a_mixed_multi_branch_load_completes(kvarn_server, tokenizer):
     # The system prompt's full pages (>= 3) were served from the prefix cache.
     cached = [outcomes[f"chat{i}"].usage.prompt_tokens_details.cached_tokens for i in range(6)]
     assert max(cached) >= 384, cached
+
+
+def test_the_main_jobs_agentic_client_runs_against_the_server(kvarn_server):
+    """``benchmarks/bench_server.py``'s closed-loop client (the main job's, and the one that
+    runs against a GPU server) on a small agentic workload: forks, tool turns, real outputs
+    fed back into the next prompt."""
+    from benchmarks.bench_server import capacity, run_workload, summarize
+    from benchmarks.workloads import make_workload
+
+    workload = make_workload("agentic", 1, seed=3, vocab=49152, scale=0.04)
+    started = time.perf_counter()
+    rows = run_workload(kvarn_server.url, workload, concurrency=4)
+    summary = summarize(rows, time.perf_counter() - started)
+    assert summary["requests"] == len(workload.specs()) and not summary["failed"], summary
+    assert summary["cached_token_rate"] > 0.5, summary  # turns and forks reuse their prefix
+    assert summary["generated_tokens"] == sum(s.gen_len for s in workload.specs())
+    assert capacity(kvarn_server.url, None)["kvarn"]["kvarn"]["preset"] == "k4v2_g128"
 
 
 def test_idle_server_has_every_page_and_slot_back(kvarn_server):
