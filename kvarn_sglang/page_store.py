@@ -146,10 +146,11 @@ class PageStore:
     def begin_pass(self, committed_from_slots: torch.Tensor) -> None:
         """A forward pass starts: apply the releases of earlier passes, and schedule the
         slots of the pages ``committed_from_slots [m]`` (each holds one; this pass commits
-        them) to come back once it has run."""
+        them) to come back once it has run. The page ids are copied: CUDA-graph decode
+        passes a view of a static buffer that it refills for the next pass."""
         self.flush_released()
         if committed_from_slots.numel():
-            self._pending.append(committed_from_slots)
+            self._pending.append(committed_from_slots.clone())
 
     def _release(self, pages: torch.Tensor, slots: torch.Tensor) -> None:
         """Push ``slots`` (held by ``pages``, or a subset) back on the free stack and point

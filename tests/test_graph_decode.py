@@ -61,6 +61,22 @@ def test_graph_decode_commits_each_page_once_and_returns_every_slot():
     assert store.free_slots == store.num_slots and not store.held_mask().any()
 
 
+def test_a_scheduled_release_survives_the_static_buffer_being_refilled():
+    """Graph decode schedules releases from a view of its static commit list and refills
+    that list for the next replay; the release must still free the pages it was given."""
+    from kvarn_sglang.page_store import PageStore
+
+    store = PageStore(CFG, num_pages=8, num_slots=4, layer_num=1, head_num=1,
+                      dtype=torch.float16, device="cpu")  # fmt: skip
+    store.assign_slots(torch.tensor([3, 5]))
+    static = torch.tensor([3, 0, 0])
+    store.begin_pass(static[:1])
+    static.copy_(torch.tensor([5, 0, 0]))  # the next replay's pages, before any flush
+    store.begin_pass(static[:0])
+    assert store.held_mask().nonzero().flatten().tolist() == [5]
+    assert store.free_slots == 3
+
+
 def test_graph_metadata_needs_the_static_buffers():
     server = SimServer(CFG, num_pages=8, num_slots=4)
     req = server.start([1, 2, 3])
