@@ -18,7 +18,9 @@ A page's life, and who drives each step (slot lifetime follows page lifetime):
    ``init_forward_metadata_out_graph`` (CUDA-graph replay) calls ``begin_pass`` with the
    pages the pass commits from slots; their slots return to the free stack when the next
    pass or allocation starts (``flush_released``), so the device work of a release is
-   queued after the pass that still read the slot; sink pages keep theirs;
+   queued after the pass that still read the slot; sink pages keep theirs; a page that the
+   pass did not commit after all (its request wrote non-finite K/V, ``request_guard``)
+   keeps its slot (``keep_slots``);
 5. **page freed**: the allocator frees the page (request teardown, radix eviction, a
    duplicate found on insert) and ``forget_pages`` takes back a slot it still holds.
 
@@ -150,6 +152,13 @@ class PageStore:
         self.flush_released()
         if committed_from_slots.numel():
             self._pending.append(committed_from_slots)
+
+    def keep_slots(self, pages: torch.Tensor) -> None:
+        """Withdraw the scheduled releases of ``pages [m]``: the pass that was to commit them
+        from their slots did not (``request_guard``), so they keep their slots until the
+        allocator frees them. Reads the pending lists back (only on this rare path)."""
+        if pages.numel() and self._pending:
+            self._pending = [p[~torch.isin(p, pages)] for p in self._pending]
 
     def _release(self, pages: torch.Tensor, slots: torch.Tensor) -> None:
         """Push ``slots`` (held by ``pages``, or a subset) back on the free stack and point

@@ -27,6 +27,7 @@ def _hooks() -> list[tuple[str, object, str]]:
         models_utils,
         platform,
         pool_configurator,
+        scheduler,
         server_args,
     )
 
@@ -55,6 +56,7 @@ def _hooks() -> list[tuple[str, object, str]]:
             "AROUND",
         ),
         (internal_state.ADD_MEMORY_USAGE, internal_state.after_add_memory_usage, "AFTER"),
+        (scheduler.RUN_BATCH, scheduler.after_run_batch, "AFTER"),
     ]
 
 
