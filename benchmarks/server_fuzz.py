@@ -11,7 +11,7 @@
 * ``over_context``: a prompt longer than the context: a clear 400 error is expected;
 * ``stream_disconnect``: a streamed ``/generate`` or chat completion that the client drops
   after a few chunks (the socket is closed mid-generation);
-* ``client_abort``: a long generation cancelled through ``/abort_request``;
+* ``client_abort``: a long generation, streamed or not, cancelled through ``/abort_request``;
 * ``flush``: ``/flush_cache`` while requests run (refused while busy, or done);
 * ``malformed``: empty prompt, token ids out of the vocabulary or negative, negative or
   non-integer ``max_new_tokens``, unknown fields, a body that is not JSON;
@@ -136,7 +136,12 @@ def _job(rng: random.Random, kind: str, i: int, prefixes, context: int) -> Job:
     if kind == "client_abort":
         body = {"input_ids": _ids(rng, length), "rid": rid,
                 "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}}  # fmt: skip
-        return Job(kind, "abort", "/generate", body, abort_after_s=rng.uniform(0.05, 1.5), rid=rid)
+        after, streamed = rng.uniform(0.05, 1.5), rng.random() < 0.5
+        if streamed:
+            body["stream"] = True
+        chunks = 10**6 if streamed else None
+        variant = "stream" if streamed else "plain"
+        return Job(kind, variant, "/generate", body, chunks, abort_after_s=after, rid=rid)
     if kind == "flush":
         return Job(kind, "flush", "/flush_cache", None)
     if kind == "malformed":
@@ -256,19 +261,21 @@ def _stream(url: str, job: Job, timeout: float) -> Outcome:
 
 
 def _run(url: str, job: Job, timeout: float) -> Outcome:
-    if job.stream_chunks is not None:
-        return _stream(url, job, timeout)
-    if job.abort_after_s is not None:
-        timer = threading.Timer(job.abort_after_s, _abort, (url, job.rid))
-        timer.start()
-        try:
-            outcome = _post(url, job, timeout)
-        finally:
-            timer.cancel()
-        if outcome.result == "completed" and "abort" in outcome.finish:
-            outcome.result = "disconnected"  # the client cancelled it
-        return outcome
-    return _post(url, job, timeout)
+    send = _post if job.stream_chunks is None else _stream
+    if job.abort_after_s is None:
+        return send(url, job, timeout)
+    timer = threading.Timer(job.abort_after_s, _abort, (url, job.rid))
+    timer.start()
+    try:
+        outcome = send(url, job, timeout)
+    finally:
+        timer.cancel()
+    cancelled = "abort" in outcome.finish or (
+        outcome.result == "error" and "bort" in outcome.message
+    )
+    if outcome.status == 200 and cancelled:
+        outcome.result = "disconnected"  # the client cancelled it
+    return outcome
 
 
 def _abort(url: str, rid: str) -> None:
