@@ -17,6 +17,9 @@ once), in every layer, before that layer's attention reads them:
 
 So a request holds at most ``sink_pages + 1`` slots between passes. Planning reads only host
 lengths and gathers page ids on the device: no host synchronisation.
+
+The plan also says which batch row each new token and each completed page belongs to, so
+that a request whose K/V turn non-finite can be isolated (``kvarn_sglang.request_guard``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+# ``ForwardPlan.bad_layer`` of a row that wrote only finite K/V.
+CLEAN = torch.iinfo(torch.int32).max
+
+
+def clean_rows(batch_size: int, device) -> torch.Tensor:
+    """``int32 [batch_size]`` filled with ``CLEAN``: no row has written non-finite K/V."""
+    return torch.full((batch_size,), CLEAN, dtype=torch.int32, device=device)
 
 
 @dataclass
@@ -39,7 +50,12 @@ class ForwardPlan:
         direct_pages: ``int64 [P]`` completed non-sink pages committed from the new tokens.
         direct_rows: ``int64 [P, G]`` rows of the pass's new tokens filling each of them.
         in_graph: the pass is captured or replayed in a CUDA graph: slot releases were
-            already scheduled, and commits skip the NaN check (a host synchronisation).
+            already scheduled before the replay.
+        token_rows: ``int64 [N]`` batch row of each of the pass's new tokens.
+        slot_commit_rows: ``int64 [M]`` batch row of each ``slot_commits`` page.
+        direct_page_rows: ``int64 [P]`` batch row of each ``direct_pages`` page.
+        bad_layer: ``int32 [B]`` first layer in which a row wrote non-finite K/V, or
+            ``CLEAN`` (filled by the layers of the pass).
     """
 
     page_table: torch.Tensor
@@ -49,6 +65,10 @@ class ForwardPlan:
     slot_commits: torch.Tensor
     direct_pages: torch.Tensor
     direct_rows: torch.Tensor
+    token_rows: torch.Tensor
+    slot_commit_rows: torch.Tensor
+    direct_page_rows: torch.Tensor
+    bad_layer: torch.Tensor
     in_graph: bool = False
 
 
@@ -132,12 +152,18 @@ def build_plan(
     def as_dev(xs) -> torch.Tensor:
         return torch.tensor(xs, dtype=torch.long).to(dev, non_blocking=True)
 
+    extend = [s - p for p, s in zip(prefix_lens, seq_lens, strict=True)]
+    token_rows = torch.repeat_interleave(torch.arange(len(extend)), torch.tensor(extend))
     return ForwardPlan(
         page_table=page_table,
         prefix_lens=as_dev(prefix_lens),
-        extend_lens=as_dev([s - p for p, s in zip(prefix_lens, seq_lens, strict=True)]),
+        extend_lens=as_dev(extend),
         seq_lens=as_dev(seq_lens),
         slot_commits=gather_pages(page_table, from_slots),
         direct_pages=gather_pages(page_table, direct),
         direct_rows=as_dev(direct_rows).view(-1, g),
+        token_rows=token_rows.to(dev, non_blocking=True),
+        slot_commit_rows=as_dev([b for b, _ in from_slots]),
+        direct_page_rows=as_dev([b for b, _ in direct]),
+        bad_layer=clean_rows(len(extend), dev),
     )

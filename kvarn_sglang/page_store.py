@@ -18,7 +18,9 @@ A page's life, and who drives each step (slot lifetime follows page lifetime):
    ``init_forward_metadata_out_graph`` (CUDA-graph replay) calls ``begin_pass`` with the
    pages the pass commits from slots; their slots return to the free stack when the next
    pass or allocation starts (``flush_released``), so the device work of a release is
-   queued after the pass that still read the slot; sink pages keep theirs;
+   queued after the pass that still read the slot; sink pages keep theirs; a page that the
+   pass did not commit after all (its request wrote non-finite K/V, ``request_guard``)
+   keeps its slot (``keep_slots``);
 5. **page freed**: the allocator frees the page (request teardown, radix eviction, a
    duplicate found on insert) and ``forget_pages`` takes back a slot it still holds.
 
@@ -30,10 +32,19 @@ Taking and releasing slots never synchronises with the device: the free slot ids
 device stack whose height is tracked on the host. Only ``forget_pages`` (pages freed by the
 allocator, which may or may not hold a slot) reads one count back.
 
-Every byte here is allocated up front and counted in ``nbytes``.
+Every byte here is allocated up front and counted in ``nbytes``. With SGLang's memory saver
+(``--enable-memory-saver``, which RL frameworks use to hand the GPU to training between
+rollouts) the packed pages and fp16 slots are allocated inside the KV-cache region that
+``release_memory_occupation`` unmaps, while the bookkeeping (``page_slot``, ``commits``, the
+free stack) stays outside it: SGLang flushes the cache right after unmapping (``reset``
+rewrites only the bookkeeping), and after ``resume_memory_occupation`` the pages and slots
+hold arbitrary bytes that nothing reads before it is written (no page is allocated, and
+attention reads only the written positions of a slot).
 """
 
 from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -69,7 +80,10 @@ class PageStore:
         head_num: int,
         dtype: torch.dtype,
         device: str | torch.device,
+        buffers_region: AbstractContextManager | None = None,
     ) -> None:
+        """``buffers_region``: the context (SGLang's memory-saver KV-cache region) in which
+        the packed pages and fp16 slots are allocated; the bookkeeping is allocated outside."""
         if dtype not in (torch.float16, torch.bfloat16):
             raise TypeError(f"Unsupported dtype of the fp16 slot pool: {dtype} (fp16 or bf16)")
         if num_slots < 1:
@@ -77,13 +91,13 @@ class PageStore:
         g, d = config.page_size, config.head_dim
         self.config, self.num_pages, self.num_slots = config, num_pages, num_slots
         self.scratch = num_slots
-        self.packed = [
-            torch.zeros(num_pages, head_num, config.page_bytes, dtype=torch.uint8, device=device)
-            for _ in range(layer_num)
-        ]
-        shape = (num_slots + 1, g, head_num, d)
-        self.slot_k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layer_num)]
-        self.slot_v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layer_num)]
+        shape, record = (num_slots + 1, g, head_num, d), (num_pages, head_num, config.page_bytes)
+        with buffers_region or nullcontext():
+            self.packed = [
+                torch.zeros(record, dtype=torch.uint8, device=device) for _ in range(layer_num)
+            ]
+            self.slot_k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layer_num)]
+            self.slot_v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layer_num)]
         self.page_slot = torch.full((num_pages,), num_slots, dtype=torch.int64, device=device)
         self.commits = torch.zeros(num_pages, dtype=torch.int32, device=device)
         self._stack = torch.arange(num_slots, dtype=torch.int64, device=device)
@@ -151,6 +165,13 @@ class PageStore:
         self.flush_released()
         if committed_from_slots.numel():
             self._pending.append(committed_from_slots.clone())
+
+    def keep_slots(self, pages: torch.Tensor) -> None:
+        """Withdraw the scheduled releases of ``pages [m]``: the pass that was to commit them
+        from their slots did not (``request_guard``), so they keep their slots until the
+        allocator frees them. Reads the pending lists back (only on this rare path)."""
+        if pages.numel() and self._pending:
+            self._pending = [p[~torch.isin(p, pages)] for p in self._pending]
 
     def _release(self, pages: torch.Tensor, slots: torch.Tensor) -> None:
         """Push ``slots`` (held by ``pages``, or a subset) back on the free stack and point

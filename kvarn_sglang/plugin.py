@@ -27,7 +27,9 @@ def _hooks() -> list[tuple[str, object, str]]:
         models_utils,
         platform,
         pool_configurator,
+        scheduler,
         server_args,
+        tokenizer_manager,
     )
 
     return [
@@ -55,6 +57,12 @@ def _hooks() -> list[tuple[str, object, str]]:
             "AROUND",
         ),
         (internal_state.ADD_MEMORY_USAGE, internal_state.after_add_memory_usage, "AFTER"),
+        (scheduler.RUN_BATCH, scheduler.after_run_batch, "AFTER"),
+        (
+            tokenizer_manager.VALIDATE_ONE_REQUEST,
+            tokenizer_manager.before_validate_one_request,
+            "BEFORE",
+        ),
     ]
 
 

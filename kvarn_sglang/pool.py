@@ -77,6 +77,10 @@ class KVarNTokenToKVPool(MHATokenToKVPool):
         )  # fmt: skip
 
     def _create_buffers(self) -> None:
+        from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
+
+        # The pages and slots live in the memory saver's KV-cache region, as SGLang's own
+        # buffers do (``MHATokenToKVPool._create_buffers``); see ``page_store``.
         self.store = PageStore(
             self.kvarn_config,
             num_pages=(self.size + self.page_size) // self.page_size,
@@ -85,6 +89,7 @@ class KVarNTokenToKVPool(MHATokenToKVPool):
             head_num=self.head_num,
             dtype=self.dtype,
             device=self.device,
+            buffers_region=self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE),
         )
         store, cfg = self.store, self.kvarn_config
         logger.info(

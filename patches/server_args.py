@@ -13,7 +13,9 @@
   ``ServerArgs`` once before it starts workers, so the CLI and the offline
   ``sglang.Engine(kv_cache_dtype="kvarn", ...)`` get the same settings and refusals (the
   Engine takes the default preset, or a ``ServerArgs`` from ``prepare_server_args``).
-* ``ServerArgs.resolve_once`` (AFTER): refuses unsupported models (needs the model config).
+* ``ServerArgs.resolve_once`` (AFTER): refuses unsupported models (needs the model config):
+  architectures, head dims, tensor-parallel splits of KV heads, and attention variants the
+  config declares (soft-capping, KV shared across layers, non-causal attention).
 
 Every refusal is a ``ValueError`` whose message names the flag to change.
 """
@@ -51,6 +53,25 @@ _REFUSED_FLAGS = [
     ("enable_kv_cache_sharding", False, "KV sharding: remove --enable-kv-cache-sharding"),
     ("enable_torch_compile", False, "torch.compile: remove --enable-torch-compile"),
     ("radix_cache_backend", None, "custom radix caches: remove --radix-cache-backend"),
+    # IDLE batches of DP attention reach the backend without extend lengths.
+    ("enable_dp_attention", False, "DP attention: remove --enable-dp-attention"),
+    # Micro-batches (two-batch overlap, PD multiplexing's split prefill) put several passes
+    # in flight, while the KVarN backend plans, commits and releases slots one pass at a time.
+    ("enable_two_batch_overlap", False, "two-batch overlap: remove --enable-two-batch-overlap"),
+    ("enable_pdmux", False, "PD multiplexing: remove --enable-pdmux"),
+    # A retried turn of a streaming session can resume inside a page already committed and
+    # released from its slot: its writes would go to the scratch slot.
+    ("enable_streaming_session", False, "streaming sessions: remove --enable-streaming-session"),
+]
+# (ServerArgs attribute, its flag, what it does) of sizes that must stay 1.
+_REFUSED_SIZES = [
+    # Several micro-batches in flight per stage (see above).
+    ("pp_size", "--pp-size", "pipeline parallelism"),
+    # These split one request's tokens or its attention across ranks; a KVarN page is one
+    # request's G consecutive tokens on one rank.
+    ("dcp_size", "--dcp-size", "decode context parallelism"),
+    ("attn_cp_size", "--attn-cp-size", "attention context parallelism"),
+    ("attn_dp_size", "--attn-dp-size", "DP attention"),
 ]
 # Model dtypes whose KV the fp16/bf16 slot pool would silently round.
 _REFUSED_DTYPES = ("float", "float32")
@@ -102,6 +123,10 @@ def refuse_flags(args, settings: KVarNSettings) -> None:
         value = getattr(args, name, fine)
         if value is not None and value != fine:
             raise ValueError(f"--kv-cache kvarn does not support {message}")
+    for name, flag, what in _REFUSED_SIZES:
+        size = getattr(args, name, 1) or 1
+        if size != 1:
+            raise ValueError(f"--kv-cache kvarn does not support {what}: use {flag} 1 (got {size})")
     for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
         if getattr(args, name, None) not in (None, KV_CACHE_CHOICE):
             flag = "--" + name.replace("_", "-")
@@ -185,6 +210,7 @@ def refuse_model(model_config, tp_size: int) -> None:
         )
     if model_config.is_encoder_decoder:
         raise ValueError(f"--kv-cache kvarn does not support encoder-decoder models: {serve}")
+    refuse_attention_variants(model_config.hf_config, model_config.hf_text_config, serve)
     if (
         model_config.head_dim != model_config.v_head_dim
         or model_config.head_dim not in SUPPORTED_HEAD_DIMS
@@ -201,6 +227,34 @@ def refuse_model(model_config, tp_size: int) -> None:
         raise ValueError(
             f"--tp-size {tp_size} splits {kv_heads} KV heads unevenly: use a --tp-size that "
             f"divides {kv_heads}"
+        )
+
+
+# Architectures whose attention soft-caps logits even when the config does not say so
+# (``sglang.srt.models.grok``: ``attn_logit_softcapping`` defaults to 30).
+_SOFTCAP_BY_DEFAULT = {"Grok1ForCausalLM": 30.0, "Grok1ModelForCausalLM": 30.0}
+
+
+def refuse_attention_variants(hf_config, hf_text_config, serve: str) -> None:
+    """Raise ``ValueError`` for attention that the config declares and KVarN does not
+    implement: logit soft-capping, KV shared across layers, non-causal attention. The
+    scheduler checks the layers it built as well (``kvarn_sglang.model_check``)."""
+    arch = (getattr(hf_config, "architectures", None) or [None])[0]
+    cap = getattr(hf_text_config, "attn_logit_softcapping", None)
+    cap = _SOFTCAP_BY_DEFAULT.get(arch, 0.0) if cap is None else cap
+    if cap and cap > 0:
+        raise ValueError(
+            f"--kv-cache kvarn does not support attention logit soft-capping ({arch}: "
+            f"attn_logit_softcapping {cap}): {serve}"
+        )
+    if (getattr(hf_text_config, "num_kv_shared_layers", 0) or 0) > 0:
+        raise ValueError(
+            f"--kv-cache kvarn does not support KV shared across layers (num_kv_shared_layers "
+            f"{hf_text_config.num_kv_shared_layers}): {serve}"
+        )
+    if getattr(hf_text_config, "is_causal", True) is False:
+        raise ValueError(
+            f"--kv-cache kvarn does not support non-causal (encoder-only) attention: {serve}"
         )
 
 

@@ -24,10 +24,15 @@ def prepare(tmp_path_factory):
 
     load_plugins()
     models = {}
+    LLAMA = dict(architectures=["LlamaForCausalLM"])
     for name, cfg in {
         "llama": LlamaConfig(head_dim=128, architectures=["LlamaForCausalLM"]),
         "llama_hd80": LlamaConfig(head_dim=80, architectures=["LlamaForCausalLM"]),
         "mistral_swa": MistralConfig(sliding_window=4096, architectures=["MistralForCausalLM"]),
+        # Attention variants a config declares (Gemma 2, Grok; Gemma 3n/4; bidirectional).
+        "llama_softcap": LlamaConfig(head_dim=128, attn_logit_softcapping=30.0, **LLAMA),
+        "llama_kv_shared": LlamaConfig(head_dim=128, num_kv_shared_layers=1, **LLAMA),
+        "llama_bidirectional": LlamaConfig(head_dim=128, is_causal=False, **LLAMA),
     }.items():
         shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2)
         shape |= dict(num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
@@ -249,6 +254,30 @@ REFUSAL_MATRIX = {
     "v_head_dim": ("model_config", {"v_head_dim": 64}, "--kv-cache kvarn"),
     "tp_splits_kv_heads": ("model_config", {"tp": 3}, "--tp-size"),
     "tp_splits_6_heads_by_4": ("model_config", {"tp": 4, "num_key_value_heads": 6}, "--tp-size"),
+    "dp_attention": (
+        "flags",
+        [*P128, "--enable-dp-attention", "--dp-size", "2", "--tp-size", "2"],
+        "--enable-dp-attention",
+    ),
+    "attn_dp_size": ("flags", [*P128, "--attn-dp-size", "2", "--tp-size", "2"], "--attn-dp-size"),
+    "pipeline_parallel": ("flags", [*P128, "--pp-size", "2"], "--pp-size"),
+    "two_batch_overlap": ("flags", [*P128, "--enable-two-batch-overlap"], "--enable-two-batch"),
+    "pd_multiplexing": ("flags", [*P128, "--enable-pdmux"], "--enable-pdmux"),
+    "decode_context_parallel": ("flags", [*P128, "--dcp-size", "2"], "--dcp-size"),
+    "attention_context_parallel": (
+        "flags",
+        [*P128, "--attn-cp-size", "2", "--tp-size", "2"],
+        "--attn-cp-size",
+    ),
+    "streaming_session": ("flags", [*P128, "--enable-streaming-session"], "--enable-streaming"),
+    "logit_softcap": ("model", "llama_softcap", "--kv-cache kvarn"),
+    "grok_default_softcap": (
+        "model_config",
+        {"hf_config": SimpleNamespace(architectures=["Grok1ForCausalLM"])},
+        "--kv-cache kvarn",
+    ),
+    "kv_shared_across_layers": ("model", "llama_kv_shared", "--kv-cache kvarn"),
+    "non_causal_attention": ("model", "llama_bidirectional", "--kv-cache kvarn"),
     "budget_below_slot_pool": ("budget", SLOT_POOL_64 // 2, "--mem-fraction-static"),
     "budget_below_a_page_each": ("budget", SLOT_POOL_64 + 63 * PACKED_PAGE, "--kvarn-slots"),
 }
@@ -263,6 +292,23 @@ def test_startup_refusal_matrix(prepare, monkeypatch, kind, arg, flag):
     message = str(refused.value)
     assert flag in message, message
     assert "\n" not in message and len(message) < 300, message
+
+
+@pytest.mark.parametrize(
+    "model, reason",
+    [("llama_softcap", "soft-capping"), ("llama_kv_shared", "KV shared across layers"),
+     ("llama_bidirectional", "non-causal")],
+)  # fmt: skip
+def test_model_refusals_name_the_attention_variant(prepare, model, reason):
+    with pytest.raises(ValueError, match=reason):
+        prepare("--kv-cache", "kvarn", *P128, model=model).resolve_once()
+
+
+def test_memory_saver_is_accepted(prepare):
+    """``--enable-memory-saver`` works with KVarN (``tests/test_memory_saver.py``)."""
+    sa = prepare("--kv-cache", "kvarn", *P128, "--enable-memory-saver")
+    sa.resolve_once()
+    assert sa.enable_memory_saver and sa.attention_backend == "kvarn"
 
 
 def test_supported_neighbours_of_the_refusals_start(prepare, monkeypatch):
