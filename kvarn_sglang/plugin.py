@@ -27,6 +27,7 @@ def _hooks() -> list[tuple[str, object, str]]:
         models_utils,
         platform,
         pool_configurator,
+        schedule_policy,
         server_args,
     )
 
@@ -55,6 +56,7 @@ def _hooks() -> list[tuple[str, object, str]]:
             "AROUND",
         ),
         (internal_state.ADD_MEMORY_USAGE, internal_state.after_add_memory_usage, "AFTER"),
+        (schedule_policy.ADD_ONE_REQ, schedule_policy.around_add_one_req, "AROUND"),
     ]
 
 
