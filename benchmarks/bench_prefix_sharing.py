@@ -47,7 +47,9 @@ from benchmarks.workloads import WORKLOADS, describe, make_workload
 from kvarn_sglang.provenance import versions
 
 PLOTTED = ("decode_batch", "slots_held", "cached_sink_slots", "tokens_used")
-DEFAULT_POOLS = "fp16-p1,fp16-p128,fp8-p1,fp8-p128,k4v2_g128,k4v2_g128@544,k4v4_g128,k2v2_g128"
+DEFAULT_POOLS = (
+    "fp16-p1,fp16-p128,fp8-p1,fp8-p128,k4v2_g128,k4v2_g128@257,k4v2_g128@544,k4v4_g128,k2v2_g128"
+)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
