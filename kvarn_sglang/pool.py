@@ -304,6 +304,7 @@ class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
             "slots both free and held (or free twice)": len(stack)
             - int(torch.unique(stack).numel())
             + int(torch.isin(store.page_slot[held], stack).sum()),
+            "sink pages without an fp16 slot": int((self._sinks() & ~held).sum()),
         }
         violations += [f"kvarn: {n} {what}" for what, n in checks.items() if n]
         return violations
