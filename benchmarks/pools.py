@@ -3,9 +3,10 @@
 Bytes per token over all layers and KV heads (L layers, H KV heads, head_dim D; K and V):
 
 =============  ==========================================================================
-``fp16``       ``L * H * 2 * D * 2`` (SGLang's ``cell_size``), pages of 128 tokens
+``fp16``       ``L * H * 2 * D * 2`` (SGLang's ``cell_size``); ``fp16-p1``: page size 1
+               (what fp16 users run: token-granular prefix matches), ``fp16-p128``: 128
 ``fp8``        ``L * H * 2 * D`` (``--kv-cache-dtype fp8_e4m3``: one byte per element, a
-               per-tensor scale), pages of 128 tokens
+               per-tensor scale); ``fp8-p1`` and ``fp8-p128`` likewise
 ``int8``       ``L * H * 264`` at D = 128: int8 codes plus an fp16 scale and an fp16 zero
                point per token, per KV head, for K and for V (``baselines.get_method("int8")``).
                SGLang 0.5.23 as installed has no int8 KV cache (its ``--kv-cache-dtype``
@@ -74,10 +75,15 @@ def make_pool(
     kvarn_slots: int | None = None,
     sinkhorn_iters: int | None = None,
 ) -> PoolSpec:
-    """The pool ``name`` (``fp16``, ``fp8``, ``int8`` or a KVarN preset) for ``shape`` in
-    ``budget_bytes``. ``sinkhorn_iters`` overrides the preset's (same bytes, cheaper on CPU)."""
+    """The pool ``name`` (``fp16``, ``fp8``, ``int8`` or a KVarN preset; a dense pool may end
+    in ``-pN``, page size N) for ``shape`` in ``budget_bytes``. ``sinkhorn_iters`` overrides
+    the preset's (same bytes, cheaper on CPU)."""
     if budget_bytes <= 0:
         raise ValueError(f"Invalid budget_bytes {budget_bytes}: expected > 0")
+    base, _, suffix = name.partition("-p")
+    if suffix.isdigit() and base in DENSE:
+        return replace(make_pool(base, shape, budget_bytes, max_running, page_size=int(suffix)),
+                       name=name)  # fmt: skip
     heads = shape.layers * shape.kv_heads
     if name in PRESETS:
         cfg = get_preset(name, head_dim=shape.head_dim)

@@ -27,6 +27,7 @@ def _hooks() -> list[tuple[str, object, str]]:
         models_utils,
         platform,
         pool_configurator,
+        schedule_policy,
         scheduler,
         server_args,
         tokenizer_manager,
@@ -63,6 +64,7 @@ def _hooks() -> list[tuple[str, object, str]]:
             tokenizer_manager.before_validate_one_request,
             "BEFORE",
         ),
+        (schedule_policy.ADD_ONE_REQ, schedule_policy.around_add_one_req, "AROUND"),
     ]
 
 

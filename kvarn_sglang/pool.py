@@ -92,12 +92,14 @@ class KVarNTokenToKVPool(MHATokenToKVPool):
             buffers_region=self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE),
         )
         store, cfg = self.store, self.kvarn_config
+        packed_token = cfg.page_bytes * self.layer_num * self.head_num / cfg.page_size
         logger.info(
             "KVarN pool: preset %s, %d layers x %d KV heads, %d packed pages (%d tokens, "
-            "%.2f GiB) + %d fp16 slots (sink pages %d per request + filling pages, %.2f GiB)",
+            "%.2f GiB) + %d fp16 slots (%d sink pages per prefix + a filling page per running "
+            "request, %.2f GiB: they cost %d packed tokens; --kvarn-slots sets them)",
             cfg.name, self.layer_num, self.head_num, store.num_pages - 1, self.size,
             (store.nbytes - store.slot_nbytes) / 2**30, store.num_slots, cfg.sink_pages,
-            store.slot_nbytes / 2**30,
+            store.slot_nbytes / 2**30, store.slot_nbytes // packed_token,
         )  # fmt: skip
 
     def get_kv_size_bytes(self) -> tuple[int, int]:
@@ -125,22 +127,35 @@ class KVarNTokenToKVPool(MHATokenToKVPool):
 class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
     """SGLang's paged allocator that also manages the pool's fp16 slots.
 
+    * Admission is slot-aware: ``slot_budget`` and ``request_sinks`` give the hook on SGLang's
+      ``PrefillAdder`` (``kvarn_sglang.patches.schedule_policy``) what the requests holding
+      KV have committed and what a candidate would add (``kvarn_sglang.slot_budget``), so a
+      request is admitted only if its slots will exist, and otherwise waits.
     * Allocation gives every new page that needs a slot (a sink page, or one that stays
       partial after the pass) its slot, so a forward pass never has to find one.
-    * When slots run short, it evicts least-recently-used radix-cache entries (freeing their
-      pages frees the slots of cached sink pages), exactly as SGLang evicts for its own pages:
-      through the tree cache that the scheduler hands to ``evict_to_free_tokens`` before
-      every allocation. If that is not enough the allocation fails (``None``) and the
-      decode capacity check says no, so SGLang makes requests wait or retracts them.
+    * When slots run short it evicts by sink (``kvarn_sglang.sink_eviction``): the cached
+      subtree under the least recently used unlocked sink page, in one step, through the tree
+      cache that the scheduler hands to ``evict_to_free_tokens`` before every allocation.
+      Pages that run short are SGLang's own LRU eviction, unchanged. If slots still cannot be
+      had the allocation fails (``None``) and the decode capacity check says no, so SGLang
+      makes requests wait or retracts them.
     * Every free (request teardown, radix eviction, duplicate pages found on insert) reaches
       ``_release_page_ids`` exactly once per page, which releases the page's slot.
     """
 
     _tree_cache = None
     idle_checks = 0  # how often SGLang's idle memory check ran ``verify_byte_accounting``
+    sink_evictions = 0  # cached subtrees evicted to free a sink slot
+    admissions_waited_for_slots = 0  # candidates the admission hook kept waiting
 
     def _store(self):
         return getattr(self.get_kvcache(), "store", None)
+
+    def _sinks(self) -> torch.Tensor:
+        """``bool [num_pages + 1]``: which allocated pages are sink pages (hold a sink slot)."""
+        if getattr(self, "_sink_mask", None) is None:
+            self._sink_mask = torch.zeros(self.num_pages + 1, dtype=torch.bool, device=self.device)
+        return self._sink_mask
 
     def evict_to_free_tokens(self, tree_cache, num_tokens: int):
         self._tree_cache = tree_cache
@@ -153,28 +168,84 @@ class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
         return self.make_slot_room(tree_cache, -(-num_tokens // self.page_size)) and fits
 
     def make_slot_room(self, tree_cache, num_slots: int) -> bool:
-        """Evict unlocked radix-cache entries, least recently used first, until
+        """Evict cached subtrees by sink, least recently used unlocked sink first, until
         ``num_slots`` fp16 slots are free; False if they cannot be."""
-        from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+        from kvarn_sglang.sink_eviction import evict_sink_subtree, evictable_sinks
 
         store = self._store()
         if store is None:
             return True
         store.flush_released()
-        while store.free_slots < num_slots and tree_cache is not None:
-            if not tree_cache.supports_prefix_sharing():
+        if store.free_slots >= num_slots or tree_cache is None:
+            return store.free_slots >= num_slots
+        g, sink = self.page_size, store.config.sink_pages
+        sinks = self._sinks()
+        for page in evictable_sinks(tree_cache, g, sink):  # least recently used first
+            if store.free_slots >= num_slots:
                 break
-            if tree_cache.evict(EvictParams(num_tokens=self.page_size)).num_tokens_evicted == 0:
-                break
+            if bool(sinks[page]) and evict_sink_subtree(tree_cache, page, g, sink):
+                self.sink_evictions += 1
         return store.free_slots >= num_slots
 
-    def _assign(self, out: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
-        """Give the pages of ``out[rows]`` (allocated token slots) their fp16 slots."""
+    def slot_budget(self, tree_cache):
+        """The slots committed to the requests holding KV now (``SlotBudget``): their
+        distinct sink pages, read off SGLang's request rows, and a filling page each."""
+        from kvarn_sglang.slot_budget import SlotBudget
+
+        store, pool = self._store(), getattr(tree_cache, "req_to_token_pool", None)
+        if store is None or pool is None:
+            return None
+        store.flush_released()
+        rows = sorted(set(range(1, pool.size + 1)) - set(pool.free_slots))
+        g, sink = self.page_size, store.config.sink_pages
+        live: set[int] = set()
+        if rows and sink:
+            pages = pool.req_to_token[rows, : sink * g : g].to(torch.int64).flatten() // g
+            live = set(pages[self._sinks()[pages]].tolist())  # stale row entries drop out
+        return SlotBudget(store.num_slots, live, len(rows))
+
+    def request_sinks(self, tree_cache, req) -> tuple[list[int], int]:
+        """A waiting request's sink pages: the page ids its matched prefix covers, and how
+        many it would allocate."""
+        from kvarn_sglang.slot_budget import sink_page_range
+
+        store = self._store()
+        total = len(req.full_untruncated_fill_ids)
+        cached, new = sink_page_range(
+            req.prefix_len, total, self.page_size, store.config.sink_pages
+        )
+        pages = []
+        if len(cached):
+            index = tree_cache.prefix_device_indices(req)[: len(cached) * self.page_size]
+            pages = (index[:: self.page_size].to(torch.int64) // self.page_size).tolist()
+        return pages, len(new)
+
+    def _assign(
+        self, out: torch.Tensor | None, rows: list[int], sink_rows: list[int]
+    ) -> torch.Tensor | None:
+        """Give the pages of ``out[rows]`` (allocated token slots) their fp16 slots; the pages
+        of ``out[sink_rows]`` are sink pages."""
         store = self._store()
         if out is not None and rows and store is not None:
             index = torch.tensor(rows, dtype=torch.long).to(out.device, non_blocking=True)
             store.assign_slots(out[index] // self.page_size)
+        if out is not None and sink_rows and store is not None:
+            pages = out[torch.tensor(sink_rows, dtype=torch.long).to(out.device)] // self.page_size
+            self._sinks()[pages] = True
         return out
+
+    def _slot_rows(self, prefix_lens: list[int], seq_lens: list[int]):
+        """Rows of the pass's new tokens starting a page that needs a slot, and those of them
+        starting a sink page (see ``slot_positions``)."""
+        from kvarn_sglang.slot_budget import sink_page_range
+
+        sink, g = self._store().config.sink_pages, self.page_size
+        rows = slot_positions(prefix_lens, seq_lens, g, sink)
+        sink_rows, row0 = [], 0
+        for p, s in zip(prefix_lens, seq_lens, strict=True):
+            sink_rows += [row0 + j * g - p for j in sink_page_range(p, s, g, sink)[1]]
+            row0 += s - p
+        return rows, sink_rows
 
     def alloc(self, need_size: int):
         """Whole pages outside the extend/decode paths: each gets an fp16 slot, as any of
@@ -184,45 +255,40 @@ class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
         if store is not None and not self.make_slot_room(self._tree_cache, pages):
             return None
         out = super().alloc(need_size)
-        return self._assign(out, list(range(0, need_size, self.page_size)))
+        return self._assign(out, list(range(0, need_size, self.page_size)), [])
 
     def alloc_extend(
         self, prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, last_loc, extend_num_tokens,
         *args, **kwargs,
     ):  # fmt: skip
-        store = self._store()
-        rows = []
-        if store is not None:
-            rows = slot_positions(
-                prefix_lens_cpu.tolist(), seq_lens_cpu.tolist(), self.page_size,
-                store.config.sink_pages,
-            )  # fmt: skip
+        rows = sink_rows = []
+        if self._store() is not None:
+            rows, sink_rows = self._slot_rows(prefix_lens_cpu.tolist(), seq_lens_cpu.tolist())
             if not self.make_slot_room(self._tree_cache, len(rows)):
                 return None
         out = super().alloc_extend(
             prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, last_loc, extend_num_tokens,
             *args, **kwargs,
         )  # fmt: skip
-        return self._assign(out, rows)
+        return self._assign(out, rows, sink_rows)
 
     def alloc_decode(self, seq_lens, seq_lens_cpu, last_loc, *args, **kwargs):
-        store = self._store()
-        rows = []
-        if store is not None:
+        rows = sink_rows = []
+        if self._store() is not None:
             seq = seq_lens_cpu.tolist()
-            rows = slot_positions(
-                [s - 1 for s in seq], seq, self.page_size, store.config.sink_pages
-            )
+            rows, sink_rows = self._slot_rows([s - 1 for s in seq], seq)
             if not self.make_slot_room(self._tree_cache, len(rows)):
                 return None
         out = super().alloc_decode(seq_lens, seq_lens_cpu, last_loc, *args, **kwargs)
-        return self._assign(out, rows)
+        return self._assign(out, rows, sink_rows)
 
     def _release_page_ids(self, *page_ids: torch.Tensor) -> None:
         super()._release_page_ids(*page_ids)
         store = self._store()
         if store is not None and page_ids:
-            store.forget_pages(torch.cat([p.reshape(-1) for p in page_ids]))
+            pages = torch.cat([p.reshape(-1) for p in page_ids])
+            store.forget_pages(pages)
+            self._sinks()[pages] = False
 
     def verify_byte_accounting(self) -> list[str]:
         """SGLang's idle-time check: every fp16 slot is either free or held by an allocated
@@ -243,6 +309,7 @@ class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
             "slots both free and held (or free twice)": len(stack)
             - int(torch.unique(stack).numel())
             + int(torch.isin(store.page_slot[held], stack).sum()),
+            "sink pages without an fp16 slot": int((self._sinks() & ~held).sum()),
         }
         violations += [f"kvarn: {n} {what}" for what, n in checks.items() if n]
         return violations
@@ -265,10 +332,13 @@ class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
             "slot_bytes": store.slot_nbytes,
             "layers": pool.layer_num,
             "idle_checks": self.idle_checks,
+            "sink_evictions": self.sink_evictions,
+            "admissions_waited_for_slots": self.admissions_waited_for_slots,
         }
 
     def clear(self) -> None:
         super().clear()
+        self._sinks().zero_()
         store = self._store()
         if store is not None:
             store.reset()

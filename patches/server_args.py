@@ -22,6 +22,7 @@ Every refusal is a ``ValueError`` whose message names the flag to change.
 
 from __future__ import annotations
 
+from kvarn_sglang.capacity import min_num_slots
 from kvarn_sglang.config import DEFAULT_PRESET, PRESETS, SUPPORTED_HEAD_DIMS
 from kvarn_sglang.settings import (
     DEFAULT_MAX_RUNNING_REQUESTS,
@@ -90,7 +91,8 @@ def after_add_cli_args(result, parser):
     parser.add_argument("--kvarn-sink-pages", type=int, default=1, help="fp16 sink pages")
     parser.add_argument(
         "--kvarn-slots", type=int, default=None,
-        help="fp16 page slots (default: (sink pages + 1) per running request + headroom)",
+        help="fp16 page slots (default: one per running request + the sink pages of "
+        "max(16, running / 8) distinct prefixes; at least running + sink pages)",
     )  # fmt: skip
     return result
 
@@ -107,12 +109,13 @@ def refuse_flags(args, settings: KVarNSettings) -> None:
     if settings.sink_pages < 0:
         raise ValueError(f"--kvarn-sink-pages must be >= 0 (got {settings.sink_pages})")
     running = settings.max_running_requests
-    least = running * (settings.sink_pages + 1)
+    least = min_num_slots(running, settings.sink_pages)
     if settings.slots is not None and settings.slots < least:
         raise ValueError(
             f"--kvarn-slots {settings.slots} is too few fp16 page slots: {running} running "
-            f"requests hold up to {least} (--max-running-requests x (--kvarn-sink-pages + 1)); "
-            f"raise --kvarn-slots to at least {least} or lower --max-running-requests"
+            f"requests need a filling page each plus one shared sink prefix "
+            f"(--max-running-requests + --kvarn-sink-pages = {least}); raise --kvarn-slots to "
+            f"at least {least} or lower --max-running-requests"
         )
     if getattr(args, "dtype", "auto") in _REFUSED_DTYPES:
         raise ValueError(

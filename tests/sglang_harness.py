@@ -78,13 +78,17 @@ class SimServer:
             disable=False, req_to_token_pool=self.req_pool, token_to_kv_pool_allocator=self.alloc,
             page_size=g,
         )  # fmt: skip
-        if tree == "unified":  # SGLang's default tree cache
+        if tree in ("unified", "unified-python"):  # SGLang's default tree cache
             params.tree_components = (ComponentType.FULL,)
+            if tree == "unified-python":  # its Python tree core instead of the native one
+                params.tree_core_backend = "python"
             self.tree = UnifiedRadixCache(params)
         elif tree == "radix":
             self.tree = RadixCache(params)
         else:
-            raise ValueError(f"Unsupported tree {tree!r}: expected 'radix' or 'unified'")
+            raise ValueError(
+                f"Unsupported tree {tree!r}: expected 'radix', 'unified' or 'unified-python'"
+            )
         runner = SimpleNamespace(token_to_kv_pool=self.pool, req_to_token_pool=self.req_pool)
         self.backend = KVarNAttnBackend(runner)
         self.layers = [

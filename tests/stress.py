@@ -71,8 +71,11 @@ class StressDriver:
     subsequence of a log is a valid log (needed for shrinking)."""
 
     def __init__(self, *, num_pages=10, num_slots=None, max_running=4, dense_every=4, layers=2):
-        # Default slots: the fewest the server accepts (--kvarn-slots >= running x (sink + 1))
-        # plus one, so cached sink pages compete with running requests for slots.
+        # Default slots: (sink + 1) per running request plus one. This harness admits by
+        # pages only (the server's slot-aware admission is a PrefillAdder hook, tested in
+        # tests/test_slot_admission.py), so with this many slots running requests never run
+        # short while cached sink pages compete with them; with fewer, requests wait for
+        # slots at allocation and decode retracts (the "slots short" regime).
         num_slots = num_slots or max_running * (CFG.sink_pages + 1) + 1
         self.server = SimServer(CFG, num_pages=num_pages, num_slots=num_slots, layers=layers)
         self._count_slot_evictions()

@@ -50,6 +50,13 @@ def test_sglang_model_runner_decodes_across_pages_and_returns_every_slot(tmp_pat
     assert got["slots_free_after"] == got["slots_total"]
     assert got["pages_free_after"] == got["pages_total"]
     assert got["violations"] == []
+    # SGLang's ReqToTokenPool: exactly --max-running-requests rows can hold KV; the extra
+    # row 0 is padding that is never allocated (CUDA-graph padded rows read it, and their
+    # pages are page 0, which points at the scratch slot), so the slot minimum
+    # (--max-running-requests + --kvarn-sink-pages) counts every request that can hold KV.
+    assert got["request_rows"] == got["max_running_requests"] == 4
+    assert got["row_table_rows"] == 5 and got["rows_allocatable"] == 4
+    assert not got["row0_allocatable"]
 
 
 if __name__ == "__main__":

@@ -234,11 +234,17 @@ REFUSAL_MATRIX = {
     ),
     "dtype_float32": ("flags", [*P128, "--dtype", "float32"], "--dtype"),
     "negative_sink_pages": ("flags", [*P128, "--kvarn-sink-pages", "-1"], "--kvarn-sink-pages"),
-    "slots_below_running": ("flags", [*P128, "--kvarn-slots", "255"], "--kvarn-slots"),
+    # 128 running requests (the KVarN default) need 128 filling pages + one shared sink.
+    "slots_below_running": ("flags", [*P128, "--kvarn-slots", "128"], "--kvarn-slots"),
     "running_above_slots": (
         "flags",
-        [*P128, "--max-running-requests", "300", "--kvarn-slots", "599"],
+        [*P128, "--max-running-requests", "300", "--kvarn-slots", "300"],
         "--max-running-requests",
+    ),
+    "slots_below_running_with_2_sinks": (
+        "flags",
+        [*P128, "--max-running-requests", "8", "--kvarn-sink-pages", "2", "--kvarn-slots", "9"],
+        "--kvarn-sink-pages",
     ),
     "kvarn_flag_without_kvarn": ("without_kvarn", ["--kvarn-slots", "9"], "--kv-cache kvarn"),
     "kvarn_backend_without_kvarn": (
@@ -313,10 +319,10 @@ def test_memory_saver_is_accepted(prepare):
 
 def test_supported_neighbours_of_the_refusals_start(prepare, monkeypatch):
     """The edge of every numeric refusal is accepted."""
-    sa = prepare("--kv-cache", "kvarn", *P128, "--kvarn-slots", "256", "--dtype", "bfloat16")
+    sa = prepare("--kv-cache", "kvarn", *P128, "--kvarn-slots", "129", "--dtype", "bfloat16")
     sa.resolve_once()
-    assert sa._kvarn_slots == 256
-    sa = prepare("--kv-cache", "kvarn", *P128, "--max-running-requests", "8", "--kvarn-slots", "16")
+    assert sa._kvarn_slots == 129
+    sa = prepare("--kv-cache", "kvarn", *P128, "--max-running-requests", "8", "--kvarn-slots", "9")
     sa.resolve_once()
     assert sa.max_running_requests == 8
     from sglang.srt.configs import hybrid_arch
@@ -363,7 +369,7 @@ def test_pool_takes_its_config_and_slots_from_the_server_flags(kvarn_active, mon
     monkeypatch.setattr(pool_module, "active_settings", lambda: kvarn_active)
     pool = KVarNTokenToKVPool(128 * 2, 128, torch.float16, 1, 128, 1, "cpu", False)
     assert pool.kvarn_config.name == "k4v2_g128" and pool.kvarn_config.sink_pages == 1
-    assert pool.store.num_slots == kvarn_active.num_slots == 64 * 2 + 8
+    assert pool.store.num_slots == kvarn_active.num_slots == 64 + 16  # running + 16 sinks
     with pytest.raises(ValueError, match="preset k4v2_g128 needs --page-size 128"):
         KVarNTokenToKVPool(64 * 2, 64, torch.float16, 1, 128, 1, "cpu", False)
     with pytest.raises(ValueError, match="Unsupported head_dim 128/64"):

@@ -1,8 +1,8 @@
 """The real engine: stock ``python -m sglang.launch_server --kv-cache kvarn`` on a CPU.
 
-One KVarN server (SmolLM2-135M, ``--max-running-requests 4 --kvarn-slots 8``: the fewest
+One KVarN server (SmolLM2-135M, ``--max-running-requests 4 --kvarn-slots 5``: the fewest
 slots the plugin accepts, so a cached prefix's sink page competes with running requests for
-slots) and one fp16 server (``--attention-backend torch_native``) are started as subprocesses
+slots and admission makes requests wait for them) and one fp16 server (``--attention-backend torch_native``) are started as subprocesses
 with the test-only ``sgl_kernel`` stand-in (``tests/cpu_engine``) and driven over HTTP by a
 real OpenAI client. Nothing of SGLang is re-implemented here: its scheduler, radix cache,
 allocator, KV-cache configurator, model runner and HTTP server run as shipped.
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.server
 
 KVARN_ARGS = [
     "--kv-cache", "kvarn", "--page-size", "128", "--max-total-tokens", "262144",
-    "--max-running-requests", "4", "--kvarn-slots", "8",
+    "--max-running-requests", "4", "--kvarn-slots", "5",
     "--sleep-on-idle", "--skip-server-warmup", "--random-seed", "0", "--enable-cache-report",
 ]  # fmt: skip
 FP16_ARGS = [
@@ -77,7 +77,7 @@ def test_starts_and_reports_the_kvarn_pool(kvarn_server):
     kvarn, memory = state["kvarn"], state["memory_usage"]
     assert state["kv_cache_dtype"] == "kvarn" and state["attention_backend"] == "kvarn"
     assert kvarn["preset"] == "k4v2_g128" and kvarn["layers"] == 30
-    assert kvarn["slots_total"] == 8 and kvarn["slots_free"] == 8
+    assert kvarn["slots_total"] == 5 and kvarn["slots_free"] == 5
     assert kvarn["token_capacity"] == memory["token_capacity"] == 262144
     # SGLang's own KV accounting counts every byte of the pool, fp16 slots included.
     assert abs(memory["kvcache"] - kvarn["pool_bytes"] / 2**30) < 1e-3
@@ -166,7 +166,7 @@ def test_teacher_forced_logprobs_agree_with_kvarn_sglang_eval(servers, tokenizer
 
 def test_a_mixed_multi_branch_load_completes(kvarn_server, tokenizer):
     """A >= 3-page system prompt shared by 6 concurrent chats (more than the 4 running
-    requests the 8 slots allow: the rest wait), one request with n=4 branches, and one
+    requests the 5 slots allow: the rest wait), one request with n=4 branches, and one
     stream the client drops after three chunks. Every request completes."""
     import openai
 

@@ -1,7 +1,9 @@
 """fp16 slot pressure handled the way SGLang handles its own pool: cached sink pages give
-their slots back through least-recently-used radix eviction; when running requests hold
-every slot, allocation fails cleanly (SGLang waits) and the decode check says no (SGLang
-retracts). Nothing cached or running is touched by a failed allocation."""
+their slots back through eviction by sink (the least recently used unlocked subtree under a
+distinct first page, in one step, with SGLang's ``RadixCache`` and ``UnifiedRadixCache``, the
+latter on its native and its Python tree core); when running requests hold every slot,
+allocation fails cleanly (SGLang waits) and the decode check says no (SGLang retracts).
+Nothing cached or running is touched by a failed allocation."""
 
 from __future__ import annotations
 
@@ -30,7 +32,10 @@ def _serve(server: SimServer, tokens: list[int]):
     return req
 
 
-@pytest.mark.parametrize("tree", ["radix", "unified"])
+TREES = ["radix", "unified", "unified-python"]
+
+
+@pytest.mark.parametrize("tree", TREES)
 def test_cached_sink_slots_are_reclaimed_by_evicting_the_least_recently_used_prefix(tree):
     server = SimServer(CFG, num_pages=40, num_slots=4, tree=tree)
     prompts = [[p] * (2 * G) for p in range(4)]  # whole pages: only the sink holds a slot
@@ -48,6 +53,39 @@ def test_cached_sink_slots_are_reclaimed_by_evicting_the_least_recently_used_pre
     assert _cached_tokens(server, prompts[2]) == 0
     assert _cached_tokens(server, prompts[0]) == 2 * G
     assert _cached_tokens(server, prompts[3]) == 2 * G
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_eviction_by_sink_frees_a_slot_in_one_step(tree):
+    """Slots are short and pages are not: SGLang's leaf-by-leaf LRU eviction drops old
+    leaves under a sink that a running request holds (no slot comes back), while eviction by
+    sink drops the one unlocked subtree, all of it, and frees its slot at once."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    from kvarn_sglang.sink_eviction import evictable_sinks
+
+    server = SimServer(CFG, num_pages=40, num_slots=3, tree=tree)
+    held = [[1] * G + [10 + i] * G for i in range(3)]  # one sink, three branches (oldest)
+    unlocked = [[2] * G + [20 + i] * G for i in range(2)]  # another sink, two branches
+    for tokens in held + unlocked:
+        server.finish(_serve(server, tokens))
+    running = _serve(server, [1] * G + [30] * 5)  # shares the first sink: it is locked now
+    store, alloc = server.pool.store, server.alloc
+    assert store.free_slots == 0  # two cached sinks + the running request's filling page
+    sinks = evictable_sinks(server.tree, G, 1)
+    assert len(sinks) == 1  # only the second sink: the first is locked by the running request
+
+    server.tree.evict(EvictParams(num_tokens=G))  # SGLang's LRU: the oldest leaf, one page
+    assert store.free_slots == 0 and _cached_tokens(server, held[0]) == G
+
+    cached_before = server.tree.evictable_size()
+    assert alloc.make_slot_room(server.tree, 1) and alloc.sink_evictions == 1
+    assert store.free_slots == 1
+    assert cached_before - server.tree.evictable_size() == 3 * G  # the subtree, nothing more
+    assert all(_cached_tokens(server, t) == 0 for t in unlocked)
+    assert [_cached_tokens(server, t) for t in held[1:]] == [2 * G, 2 * G]
+    assert not store.held_mask()[sinks[0]]
+    server.finish(running)
 
 
 def test_sglang_allocation_functions_make_room_for_slots():

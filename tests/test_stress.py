@@ -28,7 +28,7 @@ EXERCISED = [
 REGIMES = {
     "pages_run_out": (dict(num_pages=10), ["prefill_waits_for_pages", "retracted"]),
     "slots_run_out": (dict(num_pages=24), ["slot_evicted_tokens"]),
-    "slots_below_startup_minimum": (
+    "slots_short_without_slot_admission": (
         dict(num_pages=16, num_slots=6),
         ["prefill_waits_for_slots", "decode_short_of_slots", "retracted"],
     ),
@@ -37,8 +37,9 @@ REGIMES = {
 
 @pytest.mark.parametrize("settings, paths", list(REGIMES.values()), ids=list(REGIMES))
 def test_seeded_stress_run_keeps_every_invariant_and_exercises_every_path(settings, paths):
-    """Page-bound, slot-bound (at the fewest slots the server accepts, plus one) and a slot
-    pool below that minimum: nothing crashes or leaks, requests wait or are retracted."""
+    """Page-bound, slot-bound ((sink + 1) slots per running request, plus one) and a slot
+    pool below that, which this harness (it admits by pages only) runs short of: nothing
+    crashes or leaks, requests wait or are retracted."""
     stats = run_stress(seed=0, steps=1000, **settings)
     assert stats["invariant_checks"] == 1000
     missing = [key for key in EXERCISED + paths if stats.get(key, 0) == 0]

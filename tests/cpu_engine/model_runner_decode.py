@@ -46,6 +46,8 @@ def main(model: str, prompt_len: int, steps: int, batch: int) -> dict:
     store = pool.store
     prompts = torch.randint(1, 200, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     reqs = prepare_synthetic_inputs_for_latency_test(batch, prompt_len, prompts.tolist())
+    row_pool = model_runner.req_to_token_pool
+    rows_free = list(row_pool.free_slots)  # before any request takes a row
     started = time.perf_counter()
     next_ids, _, sched_batch = runner.extend(reqs)
     held = [store.num_slots - store.free_slots]
@@ -81,6 +83,12 @@ def main(model: str, prompt_len: int, steps: int, batch: int) -> dict:
         "commits_per_completed_page": sorted(set(commits)),
         "sink_commits": sorted(set(sink_commits)),
         "violations": allocator.verify_byte_accounting(),
+        # How many request rows can hold KV at once (the slot minimum counts them).
+        "max_running_requests": model_runner.max_running_requests,
+        "request_rows": model_runner.req_to_token_pool.size,
+        "row_table_rows": model_runner.req_to_token_pool.req_to_token.shape[0],
+        "rows_allocatable": len(rows_free),
+        "row0_allocatable": 0 in rows_free,
         "forward_seconds": round(seconds, 1),
     }
 
