@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="fp16,bf16")
     parser.add_argument("--quick", action="store_true", help="k4v2_g128, D 128, GQA 4, fp16")
     parser.add_argument("--output-dir", default=str(RESULTS))
+    parser.add_argument("--json", default=None, help="with --quick: write the rows here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("bench_kernel_static compiles for the GPU: unset TRITON_INTERPRET", file=sys.stderr)
@@ -218,9 +219,12 @@ def main(argv: list[str] | None = None) -> int:
             | {"warp_instructions_per_s": issue_rate(capability)},
             "rows": rows,
         }
-        if not args.quick:
-            out = Path(args.output_dir) / f"kernel_static_sm{capability}.json"
-            write_result(str(out), result_header(argv, "cpu"), body)
+        out = (
+            args.json
+            if args.quick
+            else Path(args.output_dir) / f"kernel_static_sm{capability}.json"
+        )
+        write_result(str(out) if out else None, result_header(argv, "cpu"), body)
     return 0
 
 
