@@ -103,6 +103,11 @@ def _decode_split_kernel(
     a3 = tl.zeros((Q, BLOCK_H), tl.float32)
     for j in range(p_start, p_end):
         page = tl.load(table_ptr + b * stride_tb + j)
+        if D > 128:  # re-read per page (L2) rather than held: registers at head_dim 256
+            q0 = tl.load(qt, mask=qm, other=0.0, volatile=True)
+            q1 = tl.load(qt + Q, mask=qm, other=0.0, volatile=True)
+            q2 = tl.load(qt + 2 * Q, mask=qm, other=0.0, volatile=True)
+            q3 = tl.load(qt + 3 * Q, mask=qm, other=0.0, volatile=True)
         m_i, l_i, a0, a1, a2, a3 = packed_page_step(
             q0, q1, q2, q3, pk_u8_ptr, pk_f16_ptr, page * stride_pp + kvh * stride_ph,
             kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,

@@ -52,6 +52,18 @@ def _add5(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4):
 
 
 @triton.jit
+def _scaled_std(m_ptr, log_c, log_r, AXIS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """Unbiased std along AXIS of ``m / exp(log_c) / exp(log_r)`` (as two products), dims kept;
+    the tile is re-read for each pass instead of being held."""
+    N: tl.constexpr = R if AXIS == 0 else C
+    ec = tl.exp(-log_c)
+    er = tl.exp(-log_r)
+    mean = tl.sum(_m(m_ptr, R, C) * ec * er, axis=AXIS, keep_dims=True) / N
+    dev = _m(m_ptr, R, C) * ec * er - mean
+    return tl.sqrt(tl.sum(dev * dev, axis=AXIS, keep_dims=True) / (N - 1))
+
+
+@triton.jit
 def _imbalance(col, row):
     """max/min of the column stds plus max/min of the row stds."""
     return tl.max(col) / tl.maximum(tl.min(col), 1e-8) + tl.max(row) / tl.maximum(tl.min(row), 1e-8)
@@ -141,12 +153,13 @@ def _quantize_tile(
             tl.maximum(log_c + tl.log(tl.minimum(tl.maximum(col, STD_LO), STD_HI)), LOG_LO), LOG_HI
         )
         # m / exp(log_c) / exp(log_r) as two products (within an ulp of the quotients).
-        cur = _m(m_ptr, R, C) * tl.exp(-log_c) * tl.exp(-log_r)
-        row_std = tl.minimum(tl.maximum(_std(cur, 1, C), STD_LO), STD_HI)
-        log_r = tl.minimum(tl.maximum(log_r + tl.log(row_std), LOG_LO), LOG_HI)
-        cur = _m(m_ptr, R, C) * tl.exp(-log_c) * tl.exp(-log_r)
-        col = _std(cur, 0, R)
-        imb = _imbalance(col, _std(cur, 1, C))
+        row_std = _scaled_std(m_ptr, log_c, log_r, 1, R, C)
+        log_r = tl.minimum(
+            tl.maximum(log_r + tl.log(tl.minimum(tl.maximum(row_std, STD_LO), STD_HI)), LOG_LO),
+            LOG_HI,
+        )
+        col = _scaled_std(m_ptr, log_c, log_r, 0, R, C)
+        imb = _imbalance(col, _scaled_std(m_ptr, log_c, log_r, 1, R, C))
         better = imb <= best_imb
         tl.store(vec_c, log_c, mask=better)
         tl.store(vec_r, log_r, mask=better)
