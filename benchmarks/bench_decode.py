@@ -5,6 +5,8 @@ For each context length, batch and GQA ratio (head_dim 128, 8 KV heads by defaul
 * ``kvarn``: ``kernels/decode.py`` over packed pages (sink page and own page fp16);
 * ``fp16-paged``: the same kernel with every page read from fp16 slots (a paged fp16 decode
   of identical structure);
+* ``fp8-paged``: the same, slots in fp8 e4m3 converted to fp16 as they are read (an fp8 paged
+  decode of identical structure; GPU only);
 * ``sdpa``: torch SDPA on contiguous fp16 K/V, the no-paging ideal;
 * ``sglang-fp8``: SGLang's Triton ``decode_attention_fwd`` on fp8 e4m3 K/V, when sglang
   imports (it does not on the device machine, which has no sglang);
@@ -26,7 +28,7 @@ import torch
 
 from benchmarks.common import hbm_peak_gbs, result_header, time_fn, write_result
 from kvarn_sglang.config import get_preset
-from kvarn_sglang.kernels.decode import decode_attention
+from kvarn_sglang.kernels.decode import _launch, decode_attention, default_splits
 from kvarn_sglang.reference import PagedKVCache
 
 
@@ -101,13 +103,30 @@ def bench_case(ctx: int, batch: int, group: int, args) -> dict:
     cfg = get_preset(args.preset, head_dim=d)
     q = torch.randn(batch, hkv * group, d, dtype=torch.float16, device=dev)
     row = {"context": ctx, "batch": batch, "gqa": group}
-    for name, all_fp16 in (("kvarn", False), ("fp16-paged", True)):
+    fp16_cfg = get_preset(args.preset, head_dim=d, sink_pages=10**9)
+    fp16_gib = batch * ctx * hkv * d * 4 / 2**30  # fp16 K and V of the whole batch
+    baselines = fp16_gib <= args.max_fp16_gib
+    row["baselines_skipped"] = not baselines
+    kinds = (("kvarn", False), ("fp16-paged", True))
+    for name, all_fp16 in kinds[: 2 if baselines else 1]:
         cache, table, lens, nbytes = random_store(cfg, batch, ctx, hkv, dev, all_fp16)
-        fp16_cfg = get_preset(args.preset, head_dim=d, sink_pages=10**9) if all_fp16 else cfg
-        us = time_fn(partial(decode_attention, q, cache, table, lens, fp16_cfg, d**-0.5), args)
+        use = fp16_cfg if all_fp16 else cfg
+        us = time_fn(partial(decode_attention, q, cache, table, lens, use, d**-0.5), args)
         row[name] = {"us": us, "bytes": nbytes, "gbs": nbytes / us / 1e3}
-        del cache
-    if dev == "cuda":
+        if all_fp16 and dev == "cuda":  # the same pages in fp8: half the bytes
+            fp8 = PagedKVCache(
+                cache.packed, cache.slot_k.to(torch.float8_e4m3fn),
+                cache.slot_v.to(torch.float8_e4m3fn), cache.page_slot,
+            )  # fmt: skip
+            del cache
+            splits = default_splits(table.shape[1])
+            run = partial(_launch, q, fp8, table, lens, fp16_cfg, d**-0.5, splits, q.dtype)
+            us = time_fn(run, args)
+            row["fp8-paged"] = {"us": us, "bytes": nbytes // 2, "gbs": nbytes / 2 / us / 1e3}
+            del fp8
+        else:
+            del cache
+    if dev == "cuda" and baselines:
         k = torch.randn(batch, hkv, ctx, d, dtype=torch.float16, device=dev)
         v = torch.randn_like(k)
         qq = q.view(batch, hkv * group, 1, d)
@@ -116,7 +135,7 @@ def bench_case(ctx: int, batch: int, group: int, args) -> dict:
         nbytes = 2 * k.numel() * 2
         row["sdpa"] = {"us": us, "bytes": nbytes, "gbs": nbytes / us / 1e3}
     fp8 = torch.float8_e4m3fn if dev == "cuda" else torch.float16  # no fp8 in the interpreter
-    for name, dtype in (("sglang-fp16", torch.float16), ("sglang-fp8", fp8)):
+    for name, dtype in (("sglang-fp16", torch.float16), ("sglang-fp8", fp8))[: 2 * baselines]:
         timed = sglang_decode(q, ctx, hkv, dtype, args)
         if timed is not None and (dev == "cuda" or name == "sglang-fp16"):
             us, nbytes = timed
@@ -125,7 +144,10 @@ def bench_case(ctx: int, batch: int, group: int, args) -> dict:
     for entry in row.values():
         if isinstance(entry, dict) and peak:
             entry["pct_hbm"] = 100 * entry["gbs"] / peak
-    row["speedup_vs_fp16_paged"] = row["fp16-paged"]["us"] / row["kvarn"]["us"]
+    if "fp16-paged" in row:
+        row["speedup_vs_fp16_paged"] = row["fp16-paged"]["us"] / row["kvarn"]["us"]
+    if "fp8-paged" in row:
+        row["speedup_vs_fp8_paged"] = row["fp8-paged"]["us"] / row["kvarn"]["us"]
     if "sglang-fp8" in row:
         row["speedup_vs_sglang_fp8"] = row["sglang-fp8"]["us"] / row["kvarn"]["us"]
     return row
@@ -139,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--preset", default="k4v2_g128")
-    parser.add_argument("--max-fp16-gib", type=float, default=16.0, help="skip larger cases")
+    parser.add_argument(
+        "--max-fp16-gib", type=float, default=16.0, help="no fp16/fp8/SDPA baselines beyond"
+    )
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter)")
@@ -156,9 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     for ctx in map(int, args.contexts.split(",")):
         for batch in map(int, args.batches.split(",")):
             for group in map(int, args.gqa.split(",")):
-                fp16_gib = batch * ctx * args.kv_heads * args.head_dim * 4 / 2**30
-                if fp16_gib > args.max_fp16_gib:
-                    continue
                 rows.append(bench_case(ctx, batch, group, args))
                 print_row(rows[-1])
     write_result(args.output, result_header(argv, args.device), {"rows": rows})
@@ -168,20 +189,23 @@ def main(argv: list[str] | None = None) -> int:
 def print_row(r: dict) -> None:
     if not hasattr(print_row, "header"):
         print(
-            "| ctx | batch | gqa | kvarn us | fp16-paged us | sglang fp16 us | sglang fp8 us "
-            "| sdpa us | kvarn GB/s | kvarn %HBM | vs fp16-paged |"
+            "| ctx | batch | gqa | kvarn us | fp16-paged us | fp8-paged us | sglang fp8 us "
+            "| sdpa us | kvarn GB/s | kvarn %HBM | vs fp16-paged | vs fp8-paged |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         print_row.header = True
-    sdpa, sgl16, sgl8 = (
-        f"{r[n]['us']:.1f}" if n in r else "-" for n in ("sdpa", "sglang-fp16", "sglang-fp8")
+    sdpa, fp8, sgl8 = (
+        f"{r[n]['us']:.1f}" if n in r else "-" for n in ("sdpa", "fp8-paged", "sglang-fp8")
     )
+    vs8 = f"{r['speedup_vs_fp8_paged']:.2f}x" if "speedup_vs_fp8_paged" in r else "-"
+    vs16 = f"{r['speedup_vs_fp16_paged']:.2f}x" if "speedup_vs_fp16_paged" in r else "-"
+    fp16 = f"{r['fp16-paged']['us']:.1f}" if "fp16-paged" in r else "-"
     pct = f"{r['kvarn'].get('pct_hbm', 0):.0f}" if "pct_hbm" in r["kvarn"] else "-"
     print(
         f"| {r['context']} | {r['batch']} | {r['gqa']} | {r['kvarn']['us']:.1f} "
-        f"| {r['fp16-paged']['us']:.1f} | {sgl16} | {sgl8} | {sdpa} "
+        f"| {fp16} | {fp8} | {sgl8} | {sdpa} "
         f"| {r['kvarn']['gbs']:.0f} | {pct} "
-        f"| {r['speedup_vs_fp16_paged']:.2f}x |"
+        f"| {vs16} | {vs8} |"
     )
 
 

@@ -1,11 +1,16 @@
 """Commit kernel: quantize full pages into packed KVarN records (quantize on write).
 
-Sizes: one program quantizes one tile, i.e. G tokens x D channels of one KV head of one
-page, for K or for V (two launches, so orientation and bit width are compile-time). The
-whole tile lives in registers: G x D fp32 (at most 128 x 256). Inputs are addressed with
-their own strides ``[num_pages, G, H, D]``; records are ``uint8 [num_records, H, page_bytes]``
-rows, written at ``out_index[page]`` (the pool's page id). Metadata is written through an fp16
-view of the same buffer (every field offset is a multiple of 16 bytes).
+Sizes: a tile is G tokens x D channels of one KV head of one page, for K or for V (two
+launches, so orientation and bit width are compile-time). The grid is persistent: at most
+MAX_PROGRAMS programs (``commit_warps``: 16 warps at G x D = 128 x 128), each quantizing tiles
+i, i + programs, ... One tile: the rotation on tensor cores in the input's dtype (Hadamard
+signs are exact in it: exact products, fp32 accumulation), written to the program's fp32
+scratch tile (allocated once per device: a fixed address for CUDA graphs), then quantized by
+``quantize_tile._quantize_tile``. Inputs are addressed with their own strides ``[num_pages,
+G, H, D]``; records are ``uint8 [num_records, H, page_bytes]`` rows, written at
+``out_index[page]`` (the pool's page id), codes in the planar order of
+``kvarn_sglang.layout``. Metadata is written through an fp16 view of the same buffer (every
+field offset is a multiple of 16 bytes).
 
 Reference: ``kvarn_sglang.reference.ref_commit_pages``.
 """
@@ -20,6 +25,8 @@ import triton
 import triton.language as tl
 
 from kvarn_sglang.config import KVarNConfig
+from kvarn_sglang.kernels.quantize_tile import _quantize_tile
+from kvarn_sglang.kernels.validate import compiled, hadamard_signs
 from kvarn_sglang.reference import (
     LOG_MAX,
     LOG_MIN,
@@ -27,152 +34,81 @@ from kvarn_sglang.reference import (
     STD_MAX,
     STD_MIN,
     check_pages,
-    hadamard_matrix,
 )
-
-
-@triton.jit
-def round_half_even(x):
-    """Round to nearest, ties to even (torch.round), without libdevice."""
-    f = tl.floor(x)
-    frac = x - f
-    odd = f - 2.0 * tl.floor(f * 0.5)
-    return tl.where(frac > 0.5, f + 1.0, tl.where(frac < 0.5, f, f + odd))
-
-
-@triton.jit
-def _std(m, AXIS: tl.constexpr, N: tl.constexpr):
-    """Unbiased std of m along AXIS, dims kept."""
-    mean = tl.sum(m, axis=AXIS, keep_dims=True) / N
-    dev = m - mean
-    return tl.sqrt(tl.sum(dev * dev, axis=AXIS, keep_dims=True) / (N - 1))
-
-
-@triton.jit
-def _imbalance(m, R: tl.constexpr, C: tl.constexpr):
-    col = _std(m, 0, R)
-    row = _std(m, 1, C)
-    return tl.max(col) / tl.maximum(tl.min(col), 1e-8) + tl.max(row) / tl.maximum(tl.min(row), 1e-8)
 
 
 @triton.jit
 def _commit_tile_kernel(
     x_ptr, stride_xp, stride_xg, stride_xh,  # [P, G, H, D] input, last stride 1
-    sign_ptr,  # [D, D] Hadamard signs (+1/-1), fp32
+    sign_ptr,  # [D, D] Hadamard signs (+1/-1) in OP
     index_ptr,  # [P] int64 record row of each page
     out_u8_ptr, out_f16_ptr, stride_or, stride_oh,  # records; strides in bytes
+    scratch_ptr,  # fp32, per program: two tiles [G * D] (values, codes), 3 R + C values
     codes_off, scale_off, zero_off, norm_off,  # field offsets in bytes
-    inv_sqrt_d, ITERS,
+    inv_sqrt_d, ITERS, n_tiles, H,
     G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, REFIT: tl.constexpr,
     LOG_LO: tl.constexpr, LOG_HI: tl.constexpr, STD_LO: tl.constexpr, STD_HI: tl.constexpr,
-    SCALE_LO: tl.constexpr, SKIP_ROW0: tl.constexpr,
+    SCALE_LO: tl.constexpr, SKIP_ROW0: tl.constexpr, OP: tl.constexpr, CB: tl.constexpr,
 ):  # fmt: skip
-    page = tl.program_id(0)
-    head = tl.program_id(1)
-    if SKIP_ROW0:  # noqa: SIM102 (a constexpr guard: Triton compiles it away)
-        if tl.load(index_ptr + page) == 0:  # padding entry of a static commit list
-            return
+    # Persistent: program i quantizes tiles i, i + programs, ... (tile = page * H + head).
     tok = tl.arange(0, G)
     ch = tl.arange(0, D)
-    x = tl.load(
-        x_ptr + page * stride_xp + head * stride_xh + tok[:, None] * stride_xg + ch[None, :]
-    )
-    sign = tl.load(sign_ptr + ch[:, None] * D + ch[None, :])
-    # Exact fp32 products (not tf32): the rotation feeds the rounding decisions.
-    xr = tl.dot(x.to(tl.float32), sign, input_precision="ieee") * inv_sqrt_d  # [G, D]
-    # [R, C]: rows = channels ([D, G]) for K, rows = tokens ([G, D]) for V.
-    m = tl.trans(xr) if PER_CHANNEL else xr
-
-    # Sinkhorn-like variance normalization, log domain, best imbalance kept.
-    log_c = tl.zeros((1, C), dtype=tl.float32)
-    log_r = tl.zeros((R, 1), dtype=tl.float32)
-    best_c = log_c
-    best_r = log_r
-    best_imb = _imbalance(m, R, C)
-    for _ in range(ITERS):
-        cur = m / tl.exp(log_c) / tl.exp(log_r)
-        col_std = tl.minimum(tl.maximum(_std(cur, 0, R), STD_LO), STD_HI)
-        log_c = tl.minimum(tl.maximum(log_c + tl.log(col_std), LOG_LO), LOG_HI)
-        cur = m / tl.exp(log_c) / tl.exp(log_r)
-        row_std = tl.minimum(tl.maximum(_std(cur, 1, C), STD_LO), STD_HI)
-        log_r = tl.minimum(tl.maximum(log_r + tl.log(row_std), LOG_LO), LOG_HI)
-        cur = m / tl.exp(log_c) / tl.exp(log_r)
-        imb = _imbalance(cur, R, C)
-        better = imb <= best_imb
-        best_c = tl.where(better, log_c, best_c)
-        best_r = tl.where(better, log_r, best_r)
-        best_imb = tl.minimum(imb, best_imb)
-    col_norm = tl.exp(best_c)
-    row_norm = tl.exp(best_r)
-
-    # Asymmetric RTN per row of the balanced tile.
-    QMAX: tl.constexpr = (1 << BITS) - 1
-    bal = m / col_norm / row_norm
-    lo = tl.min(bal, axis=1, keep_dims=True)
-    hi = tl.max(bal, axis=1, keep_dims=True)
-    scale = tl.maximum((hi - lo) / QMAX, SCALE_LO)
-    q = tl.minimum(tl.maximum(round_half_even((bal - lo) / scale), 0.0), QMAX)
-    if REFIT > 0:
-        # Least-squares refits of each row's scale/zero given its codes, weighted by the
-        # squared column norms, then re-rounding; a row keeps a refit only if it lowers the
-        # error and clips nothing (reference: kvarn_sglang.rtn.refit_rows, cover=True).
-        w = col_norm * col_norm  # [1, C]
-        sw = tl.sum(w, axis=1, keep_dims=True)
-        row_min = lo
-        row_max = hi
-        for _ in tl.static_range(REFIT):
-            d0 = q * scale + lo - bal
-            err = tl.sum(w * d0 * d0, axis=1, keep_dims=True)
-            sq = tl.sum(w * q, axis=1, keep_dims=True)
-            sx = tl.sum(w * bal, axis=1, keep_dims=True)
-            sqq = tl.sum(w * q * q, axis=1, keep_dims=True)
-            sqx = tl.sum(w * q * bal, axis=1, keep_dims=True)
-            det = sw * sqq - sq * sq
-            ok = det > 1e-6 * sw * sqq
-            s_new = tl.where(ok, (sw * sqx - sq * sx) / tl.maximum(det, 1e-30), scale)
-            s_new = tl.maximum(s_new, SCALE_LO)
-            z_new = tl.where(ok, (sx - s_new * sq) / sw, lo)
-            q_new = tl.minimum(tl.maximum(round_half_even((bal - z_new) / s_new), 0.0), QMAX)
-            d1 = q_new * s_new + z_new - bal
-            take = tl.sum(w * d1 * d1, axis=1, keep_dims=True) < err
-            # The new grid must still cover the row (no element clipped).
-            take = take & (z_new - s_new / 2 <= row_min) & (z_new + (QMAX + 0.5) * s_new >= row_max)
-            q = tl.where(take, q_new, q)
-            scale = tl.where(take, s_new, scale)
-            lo = tl.where(take, z_new, lo)
-    codes = q.to(tl.int32)
-
-    # Absorb the normalization; trade one power of two between rows and columns.
-    scale = scale * row_norm
-    zero = lo * row_norm
-    row_mag = tl.maximum(tl.max(tl.abs(scale)), tl.max(tl.abs(zero)))
-    col_mag = tl.max(tl.abs(col_norm))
-    lr = tl.log2(tl.maximum(row_mag, 1e-30))
-    lc = tl.log2(tl.maximum(col_mag, 1e-30))
-    c = tl.exp2(round_half_even((lc - lr) * 0.5))
-
-    rec = tl.load(index_ptr + page) * stride_or + head * stride_oh
-    PER: tl.constexpr = 8 // BITS
-    packed_cols = tl.arange(0, C // PER)
-    shifts = tl.arange(0, PER) * BITS
-    grouped = tl.reshape(codes, (R, C // PER, PER))
-    packed = tl.sum(grouped << shifts[None, None, :], axis=2).to(tl.uint8)
-    rows = tl.arange(0, R)
-    tl.store(
-        out_u8_ptr + rec + codes_off + rows[:, None] * (C // PER) + packed_cols[None, :], packed
-    )
-    rec16 = rec // 2
-    tl.store(out_f16_ptr + rec16 + scale_off // 2 + rows[:, None], (scale * c).to(tl.float16))
-    tl.store(out_f16_ptr + rec16 + zero_off // 2 + rows[:, None], (zero * c).to(tl.float16))
-    cols = tl.arange(0, C)
-    tl.store(out_f16_ptr + rec16 + norm_off // 2 + cols[None, :], (col_norm / c).to(tl.float16))
+    scratch = scratch_ptr + tl.program_id(0) * (2 * G * D + 3 * R + C)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        page = tile // H
+        head = tile % H
+        row = tl.load(index_ptr + page)
+        if (row != 0) | (not SKIP_ROW0):  # row 0 pads a static commit list: skipped
+            x = tl.load(
+                x_ptr + page * stride_xp + head * stride_xh + tok[:, None] * stride_xg + ch[None, :]
+            )
+            # The rotation, by column blocks of at most 128 (shared memory at head_dim 256):
+            # exact products (signs are +-1 in the input's dtype), fp32 accumulation on tensor
+            # cores; it feeds the rounding decisions. OP is fp32 only in Triton's interpreter.
+            # The result goes through the program's scratch tile: the statistics then run in a
+            # layout that spreads rows and columns over the threads (the tensor-core layout
+            # holds 32 columns per thread and spills the per-column vectors), with rows
+            # contiguous ([R, C]: rows = channels for K, tokens for V), which keeps the
+            # refit's per-row vectors small.
+            tl.debug_barrier()  # the previous tile's reads are done
+            for cb in tl.static_range(D // CB):
+                cols = cb * CB + tl.arange(0, CB)
+                sign = tl.load(sign_ptr + ch[:, None] * D + cols[None, :])
+                if tl.float32 == OP:
+                    xr = tl.dot(x.to(OP), sign, input_precision="ieee") * inv_sqrt_d
+                else:
+                    xr = tl.dot(x.to(OP), sign) * inv_sqrt_d  # [G, CB]
+                if PER_CHANNEL:
+                    x_offs = tok[:, None] * D + cols[None, :]  # m[d, t] = xr[t, d]
+                else:
+                    x_offs = tok[:, None] + cols[None, :] * G  # m[t, d] = xr[t, d]
+                tl.store(scratch + x_offs, xr)
+            tl.debug_barrier()
+            _quantize_tile(
+                scratch, scratch + 2 * G * D, row * stride_or + head * stride_oh,
+                out_u8_ptr, out_f16_ptr, codes_off, scale_off, zero_off, norm_off, ITERS,
+                G, D, R, C, BITS, PER_CHANNEL, REFIT, LOG_LO, LOG_HI, STD_LO, STD_HI, SCALE_LO,
+            )  # fmt: skip
 
 
-@lru_cache(maxsize=32)
-def _hadamard_signs(d: int, device: torch.device) -> torch.Tensor:
-    """The unnormalized Sylvester Hadamard matrix (entries +1/-1), fp32 [d, d]."""
-    return (hadamard_matrix(d, device) * math.sqrt(d)).round().contiguous()
+TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+MAX_PROGRAMS = 132  # persistent programs (1 per SM of an H100/H200); scratch holds their tiles
+
+
+@lru_cache(maxsize=8)
+def _scratch(device: torch.device, tile: int) -> torch.Tensor:
+    """``tile`` fp32 values per persistent program, allocated once per device and size (a
+    fixed address, so CUDA graphs can capture the commit)."""
+    return torch.empty(MAX_PROGRAMS, tile, dtype=torch.float32, device=device)
+
+
+def commit_warps(page_size: int, head_dim: int) -> int:
+    """Warps of a commit program: the fp32 tile and its Sinkhorn temporaries spread so that
+    no register spills (64 tile values per thread at most)."""
+    return max(4, min(16, page_size * head_dim // (32 * 32)))
 
 
 def commit_pages(
@@ -246,8 +182,11 @@ def commit_pages(
         check_pages("v", v, g, d)
     if p == 0:
         return out
-    sign = _hadamard_signs(d, k.device)
     out_f16 = out.view(torch.float16)
+    op = k.dtype if compiled(_commit_tile_kernel) else torch.float32
+    sign = hadamard_signs(d, k.device, op)
+    programs = min(p * h, MAX_PROGRAMS)
+    scratch = _scratch(k.device, 2 * g * d + 3 * max(g, d) + max(g, d))
     for x, kind, bits, per_channel in (
         (k, "k", config.k_bits, True),
         (v, "v", config.v_bits, False),
@@ -256,15 +195,16 @@ def commit_pages(
             name: layout.field(f"{kind}_{name}").offset
             for name in ("codes", "scale", "zero", "norm")
         }
-        _commit_tile_kernel[(p, h)](
+        _commit_tile_kernel[(programs,)](
             x, x.stride(0), x.stride(1), x.stride(2),
             sign, out_index,
-            out, out_f16, out.stride(0), out.stride(1),
+            out, out_f16, out.stride(0), out.stride(1), scratch,
             f["codes"], f["scale"], f["zero"], f["norm"],
-            1.0 / math.sqrt(d), config.sinkhorn_iters,
+            1.0 / math.sqrt(d), config.sinkhorn_iters, p * h, h,
             G=g, D=d, R=d if per_channel else g, C=g if per_channel else d,
             BITS=bits, PER_CHANNEL=per_channel, REFIT=config.refit_iters,
             LOG_LO=LOG_MIN, LOG_HI=LOG_MAX, STD_LO=STD_MIN, STD_HI=STD_MAX, SCALE_LO=SCALE_MIN,
-            SKIP_ROW0=skip_row0,
+            SKIP_ROW0=skip_row0, OP=TORCH_TO_TL[op], CB=min(d, 128),
+            num_warps=commit_warps(g, d), num_stages=1,
         )  # fmt: skip
     return out

@@ -1,21 +1,24 @@
 """Decode attention over KVarN pages: one query token per request, split-KV, two stages.
 
-Sizes: stage 1 runs one program per (request, KV head, split); it serves all GROUP query
-heads of the KV head at once (padded to BLOCK_H >= 16 rows for tl.dot), so every packed tile
-is unpacked once per KV head. A page is read
+Sizes: stage 1 runs one program per (request, KV head, split), 2 warps; it serves all GROUP
+query heads of the KV head at once, so every packed page is unpacked once per KV head. All
+products are transposed: keys and channels are the rows of the tensor-core tiles, the GROUP
+queries (padded to BLOCK_H >= 8) the narrow columns, so no tile row is padding. A split runs
+its share of the request's packed pages, then its share of the fp16 pages:
 
-* from its fp16 slot (``slot_k/slot_v [num_slots, G, Hkv, D]``) when it is a sink page or the
-  request's own (last) page, against the plain query;
-* from its packed record (``uint8 [num_pages, Hkv, page_bytes]``) otherwise, against the
-  Hadamard-rotated query, with the scales folded in (KVARN_SPEC.md section 4):
+* packed pages (``uint8 [num_pages, Hkv, page_bytes]``; every full page past the sinks),
+  against the Hadamard-rotated query, codes turned into floats in place and the scales
+  folded in (``page_tiles.packed_page_step``, KVARN_SPEC.md section 4):
   ``s_t = k_norm[t] * ((q * k_scale) . code_t + q . k_zero)`` and
-  ``o += v_norm * (sum_t (p_t v_scale[t]) code_t + sum_t p_t v_zero[t])``.
+  ``o += v_norm * (sum_t (p_t v_scale[t]) code_t + sum_t p_t v_zero[t])``;
+* fp16 pages (``slot_k/slot_v [num_slots, G, Hkv, D]``: sink pages and the request's own,
+  last page), against the plain query, in blocks of FP16_BLOCK keys.
 
-The two kinds accumulate separately (rotated and plain domain) under one online softmax in
-the log2 domain. Stage 2 merges the splits with their log-sum-exp and rotates the packed
-part back: ``out = (acc_rot @ H + acc_plain) / l``. The grid depends only on shapes
-(``max_splits``), never on sequence lengths, so the launch needs no host synchronisation and
-can be captured in a CUDA graph.
+The two kinds accumulate separately (rotated and plain domain, each as four channel quarters)
+under one online softmax in the log2 domain. Stage 2 merges the splits with their
+log-sum-exp and rotates the packed part back on tensor cores: ``out = (acc_rot @ H +
+acc_plain) / l``. The grid depends only on shapes (``max_splits``), never on sequence
+lengths, so the launch needs no host synchronisation and can be captured in a CUDA graph.
 
 Reference: ``kvarn_sglang.reference.ref_decode_attention``.
 """
@@ -27,79 +30,138 @@ import triton
 import triton.language as tl
 
 from kvarn_sglang.config import KVarNConfig
-from kvarn_sglang.kernels.page_tiles import fp16_page_step, packed_page_step, record_offsets
-from kvarn_sglang.kernels.validate import check_paged_inputs, slot_operand_dtype
+from kvarn_sglang.kernels.codes import round_to
+from kvarn_sglang.kernels.page_tiles import (
+    fp16_page_step,
+    load_value_quarters,
+    packed_page_step,
+    record_offsets,
+)
+from kvarn_sglang.kernels.validate import (
+    check_paged_inputs,
+    compiled,
+    dot_dtypes,
+    hadamard_signs,
+)
 from kvarn_sglang.reference import PagedKVCache, hadamard_matrix
 
 LOG2E = 1.4426950408889634
+# Split-stage launch: 2 warps, 2 pipeline stages (registers: <= 197 at head_dim 256, no spills,
+# >= 4 programs per SM; bench_kernel_static). An fp16 page is read in blocks of FP16_BLOCK keys.
+SPLIT_WARPS = 2
+SPLIT_STAGES = 2
+FP16_BLOCK = 16
 
 
 @triton.jit
 def _decode_split_kernel(
     q_ptr, qr_ptr,  # [B, Hq, D] fp32 plain and rotated queries, contiguous
     pk_u8_ptr, pk_f16_ptr, stride_pp, stride_ph,  # packed records, strides in bytes
-    sk_ptr, sv_ptr, stride_ss, stride_sg, stride_sh,  # fp16 slots [S, G, Hkv, D]
+    sk_ptr, sv_ptr, stride_ss, stride_sg, stride_sh,  # fp16/bf16 slots [S, G, Hkv, D]
     page_slot_ptr, table_ptr, stride_tb, seq_lens_ptr,
     mid_m_ptr, mid_l_ptr, mid_ar_ptr, mid_ap_ptr,  # [B, Hq, S] and [B, Hq, S, D] fp32
     qk_scale, sink_pages,
     kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, SPLITS: tl.constexpr,
-    SLOT_DT: tl.constexpr,
+    DT: tl.constexpr, OP: tl.constexpr, ASM: tl.constexpr, FB: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     n = tl.load(seq_lens_ptr + b).to(tl.int32)
-    num_pages = tl.cdiv(n, G)
     own = (n - 1) // G
-    per_split = tl.cdiv(num_pages, SPLITS)
-    start = split * per_split
-    end = tl.minimum(start + per_split, num_pages)
+    sinks = tl.minimum(sink_pages, own)
+    # Packed pages [sinks, own) and fp16 pages (sinks, then the own page) are each cut into
+    # SPLITS contiguous chunks; split s runs chunk s of both.
+    per_split = tl.cdiv(own - sinks, SPLITS)
+    p_start = sinks + split * per_split
+    p_end = tl.minimum(p_start + per_split, own)
+    f_per = tl.cdiv(sinks + 1, SPLITS)
+    f_start = split * f_per
+    f_end = tl.minimum(f_start + f_per, sinks + 1)
 
+    Q: tl.constexpr = D // 4
     hh = tl.arange(0, BLOCK_H)
     hmask = hh < GROUP
     heads = kvh * GROUP + hh
     ch = tl.arange(0, D)
-    tok = tl.arange(0, G)
-    q_off = (b * HQ + heads)[:, None] * D + ch[None, :]
-    q = tl.load(q_ptr + q_off, mask=hmask[:, None], other=0.0).to(SLOT_DT)
-    qr = tl.load(qr_ptr + q_off, mask=hmask[:, None], other=0.0)
+    cq = tl.arange(0, Q)
+    # Transposed: queries are columns ([channels, heads]), keys and channels rows.
+    qt = qr_ptr + (b * HQ + heads)[None, :] * D + cq[:, None]
+    qm = hmask[None, :]
+    q0 = tl.load(qt, mask=qm, other=0.0)
+    q1 = tl.load(qt + Q, mask=qm, other=0.0)
+    q2 = tl.load(qt + 2 * Q, mask=qm, other=0.0)
+    q3 = tl.load(qt + 3 * Q, mask=qm, other=0.0)
 
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_H,), tl.float32)
-    acc_r = tl.zeros((BLOCK_H, D), tl.float32)
-    acc_p = tl.zeros((BLOCK_H, D), tl.float32)
-    for j in range(start, end):
+    a0 = tl.zeros((Q, BLOCK_H), tl.float32)
+    a1 = tl.zeros((Q, BLOCK_H), tl.float32)
+    a2 = tl.zeros((Q, BLOCK_H), tl.float32)
+    a3 = tl.zeros((Q, BLOCK_H), tl.float32)
+    for j in range(p_start, p_end):
         page = tl.load(table_ptr + b * stride_tb + j)
-        if (j < sink_pages) | (j == own):
-            slot = tl.load(page_slot_ptr + page)
-            valid = tok < tl.minimum(G, n - j * G)
-            kv_off = slot * stride_ss + tok[:, None] * stride_sg + kvh * stride_sh + ch[None, :]
-            k = tl.load(sk_ptr + kv_off, mask=valid[:, None], other=0.0).to(SLOT_DT)
-            v = tl.load(sv_ptr + kv_off, mask=valid[:, None], other=0.0).to(SLOT_DT)
-            m_i, l_i, acc_r, acc_p = fp16_page_step(
-                q, k, v, valid[None, :], m_i, l_i, acc_r, acc_p, qk_scale
-            )
-        else:
-            m_i, l_i, acc_r, acc_p = packed_page_step(
-                qr, pk_u8_ptr, pk_f16_ptr, page * stride_pp + kvh * stride_ph,
-                kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
-                m_i, l_i, acc_r, acc_p, qk_scale, G, D, K_BITS, V_BITS,
-            )  # fmt: skip
+        if D > 128:  # re-read per page (L2) rather than held: registers at head_dim 256
+            q0 = tl.load(qt, mask=qm, other=0.0, volatile=True)
+            q1 = tl.load(qt + Q, mask=qm, other=0.0, volatile=True)
+            q2 = tl.load(qt + 2 * Q, mask=qm, other=0.0, volatile=True)
+            q3 = tl.load(qt + 3 * Q, mask=qm, other=0.0, volatile=True)
+        m_i, l_i, a0, a1, a2, a3 = packed_page_step(
+            q0, q1, q2, q3, pk_u8_ptr, pk_f16_ptr, page * stride_pp + kvh * stride_ph,
+            kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
+            m_i, l_i, a0, a1, a2, a3, qk_scale, G, D, K_BITS, V_BITS, DT, OP, ASM, D > 128,
+        )  # fmt: skip
+
+    qp = tl.load(q_ptr + (b * HQ + heads)[None, :] * D + ch[:, None], mask=qm, other=0.0)
+    qp = round_to(qp, DT, OP)
+    c0 = tl.zeros((Q, BLOCK_H), tl.float32)
+    c1 = tl.zeros((Q, BLOCK_H), tl.float32)
+    c2 = tl.zeros((Q, BLOCK_H), tl.float32)
+    c3 = tl.zeros((Q, BLOCK_H), tl.float32)
+    tb = tl.arange(0, FB)
+    NB: tl.constexpr = G // FB
+    for i in range(f_start * NB, f_end * NB):  # fp16 pages in blocks of FB tokens
+        j = tl.where(i // NB < sinks, i // NB, own)
+        page = tl.load(table_ptr + b * stride_tb + j)
+        slot = tl.load(page_slot_ptr + page)
+        t = (i % NB) * FB + tb
+        valid = t < n - j * G
+        kv_row = slot * stride_ss + t[:, None] * stride_sg + kvh * stride_sh
+        k = tl.load(sk_ptr + kv_row + ch[None, :], mask=valid[:, None], other=0.0).to(OP)
+        v0, v1, v2, v3 = load_value_quarters(sv_ptr + kv_row + cq[None, :], valid[:, None], Q)
+        m_i, l_i, c0, c1, c2, c3, alpha = fp16_page_step(
+            qp, k, v0.to(OP), v1.to(OP), v2.to(OP), v3.to(OP), valid[:, None],
+            m_i, l_i, c0, c1, c2, c3, qk_scale, DT, OP,
+        )  # fmt: skip
+        a0 = a0 * alpha[None, :]
+        a1 = a1 * alpha[None, :]
+        a2 = a2 * alpha[None, :]
+        a3 = a3 * alpha[None, :]
 
     mid = (b * HQ + heads) * SPLITS + split
     tl.store(mid_m_ptr + mid, m_i, mask=hmask)
     tl.store(mid_l_ptr + mid, l_i, mask=hmask)
-    tl.store(mid_ar_ptr + mid[:, None] * D + ch[None, :], acc_r, mask=hmask[:, None])
-    tl.store(mid_ap_ptr + mid[:, None] * D + ch[None, :], acc_p, mask=hmask[:, None])
+    ar = mid_ar_ptr + mid[None, :] * D + cq[:, None]
+    tl.store(ar, a0, mask=qm)
+    tl.store(ar + Q, a1, mask=qm)
+    tl.store(ar + 2 * Q, a2, mask=qm)
+    tl.store(ar + 3 * Q, a3, mask=qm)
+    ap = mid_ap_ptr + mid[None, :] * D + cq[:, None]
+    tl.store(ap, c0, mask=qm)
+    tl.store(ap + Q, c1, mask=qm)
+    tl.store(ap + 2 * Q, c2, mask=qm)
+    tl.store(ap + 3 * Q, c3, mask=qm)
 
 
 @triton.jit
 def _decode_merge_kernel(
-    mid_m_ptr, mid_l_ptr, mid_ar_ptr, mid_ap_ptr, h_ptr, out_ptr,
+    mid_m_ptr, mid_l_ptr, mid_ar_ptr, mid_ap_ptr,
+    sign_ptr,  # [D, D] fp16 Hadamard signs (+1/-1)
+    out_ptr, inv_sqrt_d,
     HQ: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
-    SPLITS: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -114,18 +176,35 @@ def _decode_merge_kernel(
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
     l_all = tl.zeros((BLOCK_H,), tl.float32)
     acc_r = tl.zeros((BLOCK_H, D), tl.float32)
-    acc_p = tl.zeros((BLOCK_H, D), tl.float32)
     for s in range(SPLITS):
         mid = (b * HQ + heads) * SPLITS + s
         w = tl.exp2(tl.load(mid_m_ptr + mid, mask=hmask, other=float("-inf")) - m_safe)
         l_all += w * tl.load(mid_l_ptr + mid, mask=hmask, other=0.0)
         off = mid[:, None] * D + ch[None, :]
         acc_r += w[:, None] * tl.load(mid_ar_ptr + off, mask=hmask[:, None], other=0.0)
-        acc_p += w[:, None] * tl.load(mid_ap_ptr + off, mask=hmask[:, None], other=0.0)
-    h = tl.load(h_ptr + ch[:, None] * D + ch[None, :])
     l_all = tl.where(l_all > 0, l_all, 1.0)  # padded heads
-    out = (tl.dot(acc_r, h, input_precision="ieee") + acc_p) / l_all[:, None]
-    tl.store(out_ptr + (b * HQ + heads)[:, None] * D + ch[None, :], out, mask=hmask[:, None])
+    # Back-rotation on tensor cores, exact to ~2^-22: each row is scaled by a power of two
+    # into fp16 range and split into two fp16 parts; the signs are exact in fp16.
+    x = acc_r / l_all[:, None]
+    top = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-30)
+    scale = tl.exp2(14.0 + tl.floor(-tl.log2(top)))  # max |x * scale| in (2^13, 2^14]
+    xs = x * scale[:, None]
+    hi = xs.to(tl.float16)
+    lo = (xs - hi.to(tl.float32)).to(tl.float16)
+    unscale = inv_sqrt_d / scale
+    nn = tl.arange(0, BLOCK_N)
+    row = (b * HQ + heads)[:, None] * D
+    for c in tl.static_range(D // BLOCK_N):
+        col = c * BLOCK_N + nn
+        sign = tl.load(sign_ptr + ch[:, None] * D + col[None, :])
+        out = (tl.dot(hi, sign) + tl.dot(lo, sign)) * unscale[:, None]
+        for s in range(SPLITS):  # the plain part of these columns
+            mid = (b * HQ + heads) * SPLITS + s
+            w = tl.exp2(tl.load(mid_m_ptr + mid, mask=hmask, other=float("-inf")) - m_safe)
+            off = mid[:, None] * D + col[None, :]
+            ap = tl.load(mid_ap_ptr + off, mask=hmask[:, None], other=0.0)
+            out += (w / l_all)[:, None] * ap
+        tl.store(out_ptr + row + col[None, :], out, mask=hmask[:, None])
 
 
 def default_splits(max_pages: int) -> int:
@@ -156,15 +235,24 @@ def decode_attention(
     Returns:
         ``[B, Hq, D]`` in q's dtype.
     """
-    b, hq, d, hkv = check_paged_inputs(q, cache, page_table, config)
+    b = check_paged_inputs(q, cache, page_table, config)[0]
     if seq_lens.shape != (b,) or seq_lens.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"Invalid shape of seq_lens: expected [{b}] int32/int64, got "
             f"{list(seq_lens.shape)} {seq_lens.dtype}"
         )
     splits = max_splits or default_splits(page_table.shape[1])
+    return _launch(q, cache, page_table, seq_lens, config, sm_scale, splits, cache.slot_k.dtype)
+
+
+def _launch(q, cache, page_table, seq_lens, config, sm_scale, splits, model_dtype):
+    """Both stages, inputs unchecked. The slots may hold any dtype Triton converts to
+    ``model_dtype`` (fp16/bf16), which benchmarks use for an fp8 paged baseline of identical
+    structure (every page in the fp16-page path)."""
+    b, hq, d = q.shape
+    hkv = cache.packed.shape[1]
     group = hq // hkv
-    block_h = max(16, triton.next_power_of_2(group))
+    block_h = max(8, triton.next_power_of_2(group))
     qf = q.float().contiguous()
     h = hadamard_matrix(d, q.device)
     qr = (qf @ h).contiguous()
@@ -173,6 +261,7 @@ def decode_attention(
     mid_ar = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
     mid_ap = torch.empty_like(mid_ar)
     packed, sk, sv = cache.packed, cache.slot_k, cache.slot_v
+    dt, op = dot_dtypes(model_dtype, _decode_split_kernel)
     _decode_split_kernel[(b, hkv, splits)](
         qf, qr, packed, packed.view(torch.float16), packed.stride(0), packed.stride(1),
         sk, sv, sk.stride(0), sk.stride(1), sk.stride(2),
@@ -182,11 +271,13 @@ def decode_attention(
         *record_offsets(config.layout),
         HQ=hq, G=config.page_size, D=d, GROUP=group, BLOCK_H=block_h,
         K_BITS=config.k_bits, V_BITS=config.v_bits, SPLITS=splits,
-        SLOT_DT=slot_operand_dtype(sk),
+        DT=dt, OP=op, ASM=compiled(_decode_split_kernel), FB=FP16_BLOCK,
+        num_warps=SPLIT_WARPS, num_stages=SPLIT_STAGES,
     )  # fmt: skip
     out = torch.empty(b, hq, d, dtype=torch.float32, device=q.device)
     _decode_merge_kernel[(b, hkv)](
-        mid_m, mid_l, mid_ar, mid_ap, h, out,
-        HQ=hq, D=d, GROUP=group, BLOCK_H=block_h, SPLITS=splits,
+        mid_m, mid_l, mid_ar, mid_ap, hadamard_signs(d, q.device), out, d**-0.5,
+        HQ=hq, D=d, GROUP=group, BLOCK_H=block_h, SPLITS=splits, BLOCK_N=min(d, 64),
+        num_warps=4,
     )  # fmt: skip
     return out.to(q.dtype)

@@ -1,19 +1,21 @@
 """Extend attention (prefill, chunked prefill, prefix-cache hits), decode-consistent.
 
-Sizes: the new tokens are cut into blocks, one per (request, page they fall in), at most G
-rows each; one program serves one block and one query head, so its queries share the same
-own page. A program
+Sizes: the new tokens are cut into blocks of at most ``block_rows(D)`` (16, or 8 at head_dim
+256: registers) within one page; one program (4 warps) serves one block and one query head,
+so its queries share the same own page. Products are transposed as in ``decode.py`` (queries
+are the columns). A program
 
-1. streams every page before its own page, as a later token reads it: sink pages from fp16
-   slots against the plain query, the other pages from packed records against the rotated
-   query with scales folded in (as in ``decode.py``); these pages must already be committed,
-   including pages that became full in this same extend;
-2. reads its own page in fp16, causally: positions before the request's prefix length from
-   the page's fp16 slot, newer positions from ``k_new/v_new``.
+1. streams every packed page before its own page, as a later token reads it, against the
+   rotated query with scales folded in (``page_tiles.packed_page_step``); these pages must
+   already be committed, including pages that became full in this same extend;
+2. reads the sink pages from their fp16 slots and then its own page, causally, in blocks of
+   FP16_BLOCK keys: positions before the request's prefix length from the page's fp16 slot,
+   newer positions from ``k_new/v_new``.
 
 One online softmax (log2 domain) covers both; the packed part accumulates in the rotated
-domain and is rotated back at the end, ``out = (acc_rot @ H + acc_plain) / l``. Block metadata
-is built on the host from the extend lengths (one host sync, as SGLang's own extend does).
+domain and is rotated back on tensor cores at the end, ``out = (acc_rot @ H + acc_plain) / l``.
+Block metadata is built on the host from the extend lengths (one host sync, as SGLang's own
+extend does).
 
 Reference: ``kvarn_sglang.reference.ref_extend_attention``.
 """
@@ -25,10 +27,29 @@ import triton
 import triton.language as tl
 
 from kvarn_sglang.config import KVarNConfig
-from kvarn_sglang.kernels.decode import LOG2E
-from kvarn_sglang.kernels.page_tiles import fp16_page_step, packed_page_step, record_offsets
-from kvarn_sglang.kernels.validate import INDEX_DTYPES, check_paged_inputs, slot_operand_dtype
+from kvarn_sglang.kernels.codes import round_to
+from kvarn_sglang.kernels.decode import FP16_BLOCK, LOG2E
+from kvarn_sglang.kernels.page_tiles import (
+    fp16_page_step,
+    load_value_quarters,
+    packed_page_step,
+    record_offsets,
+    rotate_back,
+)
+from kvarn_sglang.kernels.validate import (
+    INDEX_DTYPES,
+    check_paged_inputs,
+    compiled,
+    dot_dtypes,
+    hadamard_signs,
+)
 from kvarn_sglang.reference import PagedKVCache, hadamard_matrix
+
+
+@triton.jit
+def _sum(a, b, DT: tl.constexpr, OP: tl.constexpr):
+    """a + b rounded to DT (exact when one of them is zero), held as OP."""
+    return round_to(a.to(tl.float32) + b.to(tl.float32), DT, OP)
 
 
 @triton.jit
@@ -40,11 +61,12 @@ def _extend_kernel(
     page_slot_ptr, table_ptr, stride_tb,
     blk_ptr,  # [num_blocks, 5] int64: request, page index, first query position, prefix, end
     row0_ptr,  # [B] int64: row of each request's first new token
-    h_ptr, out_ptr,  # H fp32 [D, D]; out [T, Hq, D] fp32
-    qk_scale, sink_pages,
+    sign_ptr, out_ptr,  # Hadamard signs fp16 [D, D]; out [T, Hq, D] fp32
+    qk_scale, inv_sqrt_d, sink_pages,
     kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, SLOT_DT: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, BM: tl.constexpr, FB: tl.constexpr,
+    DT: tl.constexpr, OP: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     blk = tl.program_id(0)
     head = tl.program_id(1)
@@ -56,68 +78,105 @@ def _extend_kernel(
     end = tl.load(blk_ptr + blk * 5 + 4)
     row0 = tl.load(row0_ptr + b)
 
-    r = tl.arange(0, G)
+    Q: tl.constexpr = D // 4
+    r = tl.arange(0, BM)
     ch = tl.arange(0, D)
+    cq = tl.arange(0, Q)
     q_pos = pos0 + r
     q_valid = q_pos < tl.minimum(end, (j + 1) * G)
     q_rows = row0 + q_pos - pre
-    q_off = (q_rows * HQ + head)[:, None] * D + ch[None, :]
-    q = tl.load(q_ptr + q_off, mask=q_valid[:, None], other=0.0).to(SLOT_DT)
-    qr = tl.load(qr_ptr + q_off, mask=q_valid[:, None], other=0.0)
+    # Transposed: the block's queries are columns ([channels, queries]).
+    qt = qr_ptr + (q_rows * HQ + head)[None, :] * D + cq[:, None]
+    qm = q_valid[None, :]
+    q0 = tl.load(qt, mask=qm, other=0.0)
+    q1 = tl.load(qt + Q, mask=qm, other=0.0)
+    q2 = tl.load(qt + 2 * Q, mask=qm, other=0.0)
+    q3 = tl.load(qt + 3 * Q, mask=qm, other=0.0)
 
-    m_i = tl.full((G,), float("-inf"), tl.float32)
-    l_i = tl.zeros((G,), tl.float32)
-    acc_r = tl.zeros((G, D), tl.float32)
-    acc_p = tl.zeros((G, D), tl.float32)
-    tok = tl.arange(0, G)
-    every = (tok < G)[None, :]
-    for jj in range(0, j):
+    m_i = tl.full((BM,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BM,), tl.float32)
+    a0 = tl.zeros((Q, BM), tl.float32)
+    a1 = tl.zeros((Q, BM), tl.float32)
+    a2 = tl.zeros((Q, BM), tl.float32)
+    a3 = tl.zeros((Q, BM), tl.float32)
+    sinks = tl.minimum(sink_pages, j)
+    for jj in range(sinks, j):  # earlier pages, packed
         page = tl.load(table_ptr + b * stride_tb + jj)
-        if jj < sink_pages:
-            slot = tl.load(page_slot_ptr + page)
-            kv_off = slot * stride_ss + tok[:, None] * stride_sg + kvh * stride_sh + ch[None, :]
-            k = tl.load(sk_ptr + kv_off).to(SLOT_DT)
-            v = tl.load(sv_ptr + kv_off).to(SLOT_DT)
-            m_i, l_i, acc_r, acc_p = fp16_page_step(
-                q, k, v, every, m_i, l_i, acc_r, acc_p, qk_scale
-            )
+        m_i, l_i, a0, a1, a2, a3 = packed_page_step(
+            q0, q1, q2, q3, pk_u8_ptr, pk_f16_ptr, page * stride_pp + kvh * stride_ph,
+            kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
+            m_i, l_i, a0, a1, a2, a3, qk_scale, G, D, K_BITS, V_BITS, DT, OP, ASM, D > 128,
+        )  # fmt: skip
+
+    qp = tl.load(q_ptr + (q_rows * HQ + head)[None, :] * D + ch[:, None], mask=qm, other=0.0)
+    qp = round_to(qp, DT, OP)
+    c0 = tl.zeros((Q, BM), tl.float32)
+    c1 = tl.zeros((Q, BM), tl.float32)
+    c2 = tl.zeros((Q, BM), tl.float32)
+    c3 = tl.zeros((Q, BM), tl.float32)
+    tb = tl.arange(0, FB)
+    NB: tl.constexpr = G // FB
+    own_slot = tl.load(page_slot_ptr + tl.load(table_ptr + b * stride_tb + j))
+    # Blocks of FB keys: the sink pages (fp16 slots), then the own page, causally: positions
+    # before the prefix length from its slot, newer ones from k_new/v_new. Block 0 of the own
+    # page holds a key every query sees, so no query's maximum stays -inf.
+    for i in range((sinks + 1) * NB):
+        if i < sinks * NB:
+            jj = i // NB
+            slot = tl.load(page_slot_ptr + tl.load(table_ptr + b * stride_tb + jj))
         else:
-            m_i, l_i, acc_r, acc_p = packed_page_step(
-                qr, pk_u8_ptr, pk_f16_ptr, page * stride_pp + kvh * stride_ph,
-                kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
-                m_i, l_i, acc_r, acc_p, qk_scale, G, D, K_BITS, V_BITS,
-            )  # fmt: skip
+            jj = j
+            slot = own_slot
+        k_pos = jj * G + (i % NB) * FB + tb
+        from_slot = (jj < j) | (k_pos < pre)
+        from_new = (jj == j) & (k_pos >= pre) & (k_pos < end)
+        s_row = slot * stride_ss + (k_pos - jj * G)[:, None] * stride_sg + kvh * stride_sh
+        n_row = (row0 + k_pos - pre)[:, None] * stride_nt + kvh * stride_nh
+        k = tl.load(sk_ptr + s_row + ch[None, :], mask=from_slot[:, None], other=0.0).to(tl.float32)
+        k += tl.load(kn_ptr + n_row + ch[None, :], mask=from_new[:, None], other=0.0).to(tl.float32)
+        causal = (k_pos[:, None] <= q_pos[None, :]) & (from_slot | from_new)[:, None]
+        # Each position comes from one source; the other load is masked to zero.
+        v0, v1, v2, v3 = load_value_quarters(sv_ptr + s_row + cq[None, :], from_slot[:, None], Q)
+        w0, w1, w2, w3 = load_value_quarters(vn_ptr + n_row + cq[None, :], from_new[:, None], Q)
+        m_i, l_i, c0, c1, c2, c3, alpha = fp16_page_step(
+            qp, round_to(k, DT, OP), _sum(v0, w0, DT, OP), _sum(v1, w1, DT, OP),
+            _sum(v2, w2, DT, OP), _sum(v3, w3, DT, OP), causal, m_i, l_i, c0, c1, c2, c3,
+            qk_scale, DT, OP,
+        )  # fmt: skip
+        a0 = a0 * alpha[None, :]
+        a1 = a1 * alpha[None, :]
+        a2 = a2 * alpha[None, :]
+        a3 = a3 * alpha[None, :]
 
-    # Own page in fp16: older positions from the slot, newer ones from k_new/v_new.
-    k_pos = j * G + tok
-    from_slot = k_pos < pre
-    from_new = (k_pos >= pre) & (k_pos < end)
-    slot = tl.load(page_slot_ptr + tl.load(table_ptr + b * stride_tb + j))
-    s_off = slot * stride_ss + tok[:, None] * stride_sg + kvh * stride_sh + ch[None, :]
-    n_off = (row0 + k_pos - pre)[:, None] * stride_nt + kvh * stride_nh + ch[None, :]
-    k = tl.load(sk_ptr + s_off, mask=from_slot[:, None], other=0.0).to(tl.float32)
-    k += tl.load(kn_ptr + n_off, mask=from_new[:, None], other=0.0).to(tl.float32)
-    v = tl.load(sv_ptr + s_off, mask=from_slot[:, None], other=0.0).to(tl.float32)
-    v += tl.load(vn_ptr + n_off, mask=from_new[:, None], other=0.0).to(tl.float32)
-    k = k.to(SLOT_DT)
-    v = v.to(SLOT_DT)
-    causal = (k_pos[None, :] <= q_pos[:, None]) & (from_slot | from_new)[None, :]
-    m_i, l_i, acc_r, acc_p = fp16_page_step(q, k, v, causal, m_i, l_i, acc_r, acc_p, qk_scale)
-
-    h = tl.load(h_ptr + ch[:, None] * D + ch[None, :])
+    out = out_ptr + (q_rows * HQ + head)[None, :] * D + cq[:, None]
     l_i = tl.where(l_i > 0, l_i, 1.0)
-    out = (tl.dot(acc_r, h, input_precision="ieee") + acc_p) / l_i[:, None]
-    tl.store(out_ptr + q_off, out, mask=q_valid[:, None])
+    o = rotate_back(a0, a1, a2, a3, sign_ptr, l_i, inv_sqrt_d, 0, D) + c0 / l_i[None, :]
+    tl.store(out, o, mask=qm)
+    o = rotate_back(a0, a1, a2, a3, sign_ptr, l_i, inv_sqrt_d, 1, D) + c1 / l_i[None, :]
+    tl.store(out + Q, o, mask=qm)
+    o = rotate_back(a0, a1, a2, a3, sign_ptr, l_i, inv_sqrt_d, 2, D) + c2 / l_i[None, :]
+    tl.store(out + 2 * Q, o, mask=qm)
+    o = rotate_back(a0, a1, a2, a3, sign_ptr, l_i, inv_sqrt_d, 3, D) + c3 / l_i[None, :]
+    tl.store(out + 3 * Q, o, mask=qm)
 
 
-def _blocks(prefix: list[int], extend: list[int], g: int) -> list[tuple[int, int, int, int, int]]:
-    """(request, page index, first query position, prefix length, end) per block."""
+def _blocks(
+    prefix: list[int], extend: list[int], g: int, bm: int
+) -> list[tuple[int, int, int, int, int]]:
+    """(request, page index, first query position, prefix length, end) per block: the new
+    tokens of a request cut at page boundaries, then into runs of at most ``bm``."""
     out = []
     for b, (pre, ext) in enumerate(zip(prefix, extend, strict=True)):
         end = pre + ext
         for j in range(pre // g, (end - 1) // g + 1 if ext else pre // g):
-            out.append((b, j, max(pre, j * g), pre, end))
+            lo, hi = max(pre, j * g), min(end, (j + 1) * g)
+            out += [(b, j, p, pre, end) for p in range(lo, hi, bm)]
     return out
+
+
+def block_rows(d: int) -> int:
+    """Queries per extend program: as many as registers allow without spilling."""
+    return 16 if d <= 128 else 8
 
 
 def extend_attention(
@@ -163,7 +222,7 @@ def extend_attention(
     if sum(extend) != t:
         raise ValueError(f"Invalid extend_lens: they sum to {sum(extend)}, q has {t} tokens")
     g = config.page_size
-    blocks = _blocks(prefix, extend, g)
+    blocks = _blocks(prefix, extend, g, block_rows(d))
     out = torch.zeros(t, hq, d, dtype=torch.float32, device=q.device)
     if not blocks:
         return out.to(q.dtype)
@@ -173,15 +232,17 @@ def extend_attention(
     h = hadamard_matrix(d, q.device)
     qr = (qf @ h).contiguous()
     packed, sk, sv = cache.packed, cache.slot_k, cache.slot_v
+    dt, op = dot_dtypes(sk.dtype, _extend_kernel)
     _extend_kernel[(len(blocks), hq)](
         qf, qr, k_new, v_new, k_new.stride(0), k_new.stride(1),
         packed, packed.view(torch.float16), packed.stride(0), packed.stride(1),
         sk, sv, sk.stride(0), sk.stride(1), sk.stride(2),
         cache.page_slot, page_table, page_table.stride(0),
-        blk, row0, h, out,
-        sm_scale * LOG2E, config.sink_pages,
+        blk, row0, hadamard_signs(d, q.device), out,
+        sm_scale * LOG2E, d**-0.5, config.sink_pages,
         *record_offsets(config.layout),
         HQ=hq, G=g, D=d, GROUP=hq // hkv, K_BITS=config.k_bits, V_BITS=config.v_bits,
-        SLOT_DT=slot_operand_dtype(sk),
+        BM=block_rows(d), FB=FP16_BLOCK, DT=dt, OP=op, ASM=compiled(_extend_kernel),
+        num_warps=4, num_stages=2,
     )  # fmt: skip
     return out.to(q.dtype)

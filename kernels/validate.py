@@ -1,12 +1,17 @@
-"""Input validation shared by the attention launchers (shapes, dtypes, devices, strides)."""
+"""What the launchers share: input validation (shapes, dtypes, devices, strides) and the
+facts they derive from their inputs (dot dtype, compiled or interpreted, Hadamard signs)."""
 
 from __future__ import annotations
 
+import math
+from functools import lru_cache
+
 import torch
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from kvarn_sglang.config import KVarNConfig
-from kvarn_sglang.reference import PagedKVCache
+from kvarn_sglang.reference import PagedKVCache, hadamard_matrix
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -58,7 +63,25 @@ def check_paged_inputs(
     return q.shape[0], q.shape[1], d, hkv
 
 
-def slot_operand_dtype(slot_k: torch.Tensor):
-    """Operand type of the fp16-page dot products: fp16 slots feed fp16 tensor cores; bf16
-    slots are widened to fp32 (exact), since a bf16 value may not fit in fp16."""
-    return tl.float16 if slot_k.dtype == torch.float16 else tl.float32
+def dot_dtypes(model_dtype: torch.dtype, kernel) -> tuple:
+    """``(DT, OP)`` of the attention dot products. DT is the model's dtype (fp16 or bf16; what
+    the fp16 slots hold): every operand is rounded to it. Packed pages are read in it
+    too: a bf16 model's query times a K scale (up to e^10 times the query) may not fit in
+    fp16, and codes are exact in either type. OP is the type the operands are held in: DT,
+    except under Triton's interpreter, which multiplies bf16 wrongly, where bf16 values are
+    held as fp32 (the same products)."""
+    if model_dtype == torch.float16:
+        return tl.float16, tl.float16
+    return tl.bfloat16, (tl.bfloat16 if compiled(kernel) else tl.float32)
+
+
+def compiled(kernel) -> bool:
+    """Whether Triton compiles ``kernel`` for a GPU, rather than running it in its interpreter
+    (``TRITON_INTERPRET=1``), where inline assembly cannot run."""
+    return not isinstance(kernel, InterpretedFunction)
+
+
+@lru_cache(maxsize=32)
+def hadamard_signs(d: int, device: torch.device, dtype: torch.dtype = torch.float16):
+    """The unnormalized Sylvester Hadamard matrix (entries +1/-1, exact in fp16) ``[d, d]``."""
+    return (hadamard_matrix(d, device) * math.sqrt(d)).round().to(dtype).contiguous()

@@ -97,6 +97,7 @@ class KVarNConfig:
             v_bits=self.v_bits,
             k_per_channel=True,
             normalized=True,
+            planar=True,
         )
 
     @property

@@ -7,15 +7,27 @@ returns the fields as views into it. Every field starts on a 16-byte boundary so
 use vector loads; padding (zero for every shipped preset) is counted in ``page_bytes``.
 
 The layout of a low-bit tile method (KVarN, KIVI, Hadamard-RTN, int per-token) is built by
-``tile_layout``: for K and for V, the codes of the oriented tile (rows packed along columns),
-a per-row scale and zero point, and, for variance-normalized methods, a per-column norm::
+``tile_layout``: for K and for V, the codes of the oriented tile, a per-row scale and zero
+point, and, for variance-normalized methods, a per-column norm::
 
-    k_codes  uint8 [k_rows, k_cols * k_bits / 8]
-    v_codes  uint8 [v_rows, v_cols * v_bits / 8]
+    k_codes  uint8 [k_rows, k_cols * k_bits / 8]      (planar: [G, D * k_bits / 8])
+    v_codes  uint8 [v_rows, v_cols * v_bits / 8]      (planar: [D * v_bits / 8, G])
     k_scale  fp16 [k_rows]   k_zero fp16 [k_rows]   (k_norm fp16 [k_cols])
     v_scale  fp16 [v_rows]   v_zero fp16 [v_rows]   (v_norm fp16 [v_cols])
 
 and an element is reconstructed as ``(code * scale[row] + zero[row]) * norm[col]``.
+
+Two code orders, same bytes:
+
+* ``rows`` (baselines): each row of the oriented tile packed little-endian along its columns
+  (``pack_codes``: element c -> byte c // (8/bits), shift (c % (8/bits)) * bits).
+* ``planar`` (KVarN, what the kernels read): both code matrices are taken token-major,
+  ``[G, D]``, and packed *planar* along D (``pack_planar``: channel c -> byte c % (D/per),
+  shift (c // (D/per)) * bits, per = 8/bits, so byte j holds channels j, j + D/per, ...).
+  K stores that ``[G, D*bits/8]`` matrix, V its transpose ``[D*bits/8, G]``: in both, the
+  bytes along the dimension an attention dot product reduces over (channels for q.K, tokens
+  for p.V) are contiguous, and a byte's codes belong to different channel blocks, so a kernel
+  unpacks with a mask per block and no shuffle (``kernels/page_tiles.py``).
 """
 
 from __future__ import annotations
@@ -50,22 +62,27 @@ class PageLayout:
         fields: the fields in storage order.
         page_size: tokens per page (the tile size G).
         head_dim: channels per KV head (D).
+        planar: codes in the ``planar`` order (module docstring), else ``rows``.
     """
 
     fields: tuple[Field, ...]
     page_size: int
     head_dim: int
+    planar: bool = False
 
     @staticmethod
     def build(
-        specs: list[tuple[str, torch.dtype, tuple[int, ...]]], page_size: int, head_dim: int
+        specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        page_size: int,
+        head_dim: int,
+        planar: bool = False,
     ) -> PageLayout:
         fields, offset = [], 0
         for name, dtype, shape in specs:
             field = Field(name, dtype, tuple(shape), offset)
             fields.append(field)
             offset += -(-field.nbytes // ALIGN) * ALIGN
-        return PageLayout(tuple(fields), page_size, head_dim)
+        return PageLayout(tuple(fields), page_size, head_dim, planar)
 
     @property
     def page_bytes(self) -> int:
@@ -153,18 +170,24 @@ def tile_layout(
     v_bits: int,
     k_per_channel: bool,
     normalized: bool,
+    planar: bool = False,
 ) -> PageLayout:
     """Layout of a low-bit tile method (see the module docstring).
 
     K is oriented ``[head_dim, page_size]`` when quantized per channel (KVarN, KIVI), else
     ``[page_size, head_dim]`` (per token); V is always ``[page_size, head_dim]`` (per token).
+    ``planar`` stores the codes in the planar order (K must be per channel).
     """
     g, d = page_size, head_dim
     k_rows, k_cols = (d, g) if k_per_channel else (g, d)
     v_rows, v_cols = g, d
+    if planar and not k_per_channel:
+        raise ValueError("Unsupported planar code order with per-token K: KVarN layouts only")
+    k_shape = (g, d * k_bits // 8) if planar else (k_rows, k_cols * k_bits // 8)
+    v_shape = (d * v_bits // 8, g) if planar else (v_rows, v_cols * v_bits // 8)
     specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = [
-        ("k_codes", torch.uint8, (k_rows, k_cols * k_bits // 8)),
-        ("v_codes", torch.uint8, (v_rows, v_cols * v_bits // 8)),
+        ("k_codes", torch.uint8, k_shape),
+        ("v_codes", torch.uint8, v_shape),
         ("k_scale", torch.float16, (k_rows,)),
         ("k_zero", torch.float16, (k_rows,)),
     ]
@@ -173,7 +196,7 @@ def tile_layout(
     specs += [("v_scale", torch.float16, (v_rows,)), ("v_zero", torch.float16, (v_rows,))]
     if normalized:
         specs.append(("v_norm", torch.float16, (v_cols,)))
-    return PageLayout.build(specs, page_size, head_dim)
+    return PageLayout.build(specs, page_size, head_dim, planar)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -203,6 +226,46 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
 
 
+def pack_planar(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``uint8 [..., C]`` codes planar: element c -> byte c % (C / per) at shift
+    (c // (C / per)) * bits, per = 8 / bits. Returns ``uint8 [..., C * bits / 8]``."""
+    if bits not in (2, 4):
+        raise ValueError(f"Unsupported bits {bits}: planar packing supports 2 and 4")
+    per = 8 // bits
+    if codes.shape[-1] % per:
+        raise ValueError(f"Invalid shape of codes: last dim must be a multiple of {per}")
+    planes = codes.to(torch.int32).unflatten(-1, (per, -1))  # [..., per, C / per]
+    shifts = (torch.arange(per, device=codes.device, dtype=torch.int32) * bits).unsqueeze(-1)
+    return (planes << shifts).sum(-2).to(torch.uint8)
+
+
+def unpack_planar(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack_planar``: ``uint8 [..., B]`` -> ``uint8 [..., B * 8 / bits]``."""
+    if bits not in (2, 4):
+        raise ValueError(f"Unsupported bits {bits}: planar packing supports 2 and 4")
+    per = 8 // bits
+    shifts = (torch.arange(per, device=packed.device, dtype=torch.int32) * bits).unsqueeze(-1)
+    planes = (packed.to(torch.int32).unsqueeze(-2) >> shifts) & (2**bits - 1)
+    return planes.flatten(-2).to(torch.uint8)
+
+
+def _pack_tile(codes: torch.Tensor, bits: int, planar: bool, is_k: bool) -> torch.Tensor:
+    """Oriented codes ``[N, R, C]`` -> the stored ``k_codes``/``v_codes`` ``[N, ...]``."""
+    if not planar:
+        return pack_codes(codes, bits)
+    token_major = codes.transpose(1, 2) if is_k else codes  # [N, G, D]
+    packed = pack_planar(token_major, bits)  # [N, G, D * bits / 8]
+    return packed if is_k else packed.transpose(1, 2).contiguous()
+
+
+def _unpack_tile(packed: torch.Tensor, bits: int, planar: bool, is_k: bool) -> torch.Tensor:
+    """Inverse of ``_pack_tile``."""
+    if not planar:
+        return unpack_codes(packed, bits)
+    token_major = unpack_planar(packed if is_k else packed.transpose(1, 2), bits)
+    return token_major.transpose(1, 2).contiguous() if is_k else token_major
+
+
 @dataclass
 class TileCodes:
     """A batch of quantized oriented tiles ``[N, R, C]``; element = (code*scale + zero)*norm.
@@ -223,11 +286,11 @@ def encode_tiles(
     k_t: TileCodes, v_t: TileCodes, layout: PageLayout, p: int, h: int
 ) -> torch.Tensor:
     """Pack K and V ``TileCodes`` of ``P*H`` tiles into records ``uint8 [P, H, page_bytes]``."""
-    k_bits = 8 * layout.field("k_codes").shape[1] // k_t.codes.shape[2]
-    v_bits = 8 * layout.field("v_codes").shape[1] // v_t.codes.shape[2]
+    k_bits = 8 * layout.field("k_codes").nbytes // k_t.codes[0].numel()
+    v_bits = 8 * layout.field("v_codes").nbytes // v_t.codes[0].numel()
     parts = {
-        "k_codes": pack_codes(k_t.codes, k_bits),
-        "v_codes": pack_codes(v_t.codes, v_bits),
+        "k_codes": _pack_tile(k_t.codes, k_bits, layout.planar, True),
+        "v_codes": _pack_tile(v_t.codes, v_bits, layout.planar, False),
         "k_scale": k_t.scale,
         "k_zero": k_t.zero,
         "v_scale": v_t.scale,
@@ -244,10 +307,8 @@ def decode_tiles(records: torch.Tensor, layout: PageLayout) -> tuple[TileCodes, 
     f = {name: t.flatten(0, 1) for name, t in layout.unpack(records).items()}
     out = []
     for kind in ("k", "v"):
-        rows = layout.field(f"{kind}_scale").shape[0]
         packed = f[f"{kind}_codes"]
-        cols = layout.head_dim * layout.page_size // rows
-        bits = 8 * packed.shape[2] // cols
-        codes = unpack_codes(packed, bits)
+        bits = 8 * layout.field(f"{kind}_codes").nbytes // (layout.head_dim * layout.page_size)
+        codes = _unpack_tile(packed, bits, layout.planar, kind == "k")
         out.append(TileCodes(codes, f[f"{kind}_scale"], f[f"{kind}_zero"], f.get(f"{kind}_norm")))
     return out[0], out[1]

@@ -12,7 +12,8 @@ Per tile of G tokens of one KV head (``KVARN_SPEC.md`` section 1):
      presets: then least-squares refits of each row's scale/zero that clip nothing,
      ``rtn.refit_rows``);
   5. absorb the normalization into fp16 metadata: ``x = (q * scale[r] + zero[r]) * norm[c]``;
-  6. pack codes little-endian along each row.
+  6. pack the codes in the planar order of ``kvarn_sglang.layout`` (token-major ``[G, D]``,
+     channel c in byte c % (D/per) at bit (c // (D/per)) * bits; K as is, V transposed).
 
 Metadata is stored in fp16. Rows and columns can trade a power of two without changing
 any product, so each tile is rebalanced by one power of two before rounding to fp16: this

@@ -13,23 +13,35 @@ from kvarn_sglang.layout import decode_tiles
 from kvarn_sglang.reference import dequantize_pages, ref_commit_pages
 
 # Codes may differ from the reference only where the reference sits on a rounding tie that
-# a last-bit fp32 difference flips (measured: 0 differing codes in this suite).
+# a last-bit fp32 difference flips (the kernel computes some quotients as products; measured:
+# one code in this suite, at head_dim 256).
 MAX_DIFFERING_CODES = 1e-3
-# Reconstructed values agree to fp16 metadata precision. The split of a value into row
-# scale/zero and column norm may differ: once Sinkhorn has converged, successive iterations
-# have the same imbalance up to fp32 noise (it is invariant to the row/column gauge), so
-# the tie rule may keep another iteration's gauge; the product is the same.
+# Reconstructed values agree to fp16 metadata precision, compared in the rotated domain
+# where a flipped code moves only its own element (which the bound above covers). The split
+# of a value into row scale/zero and column norm may differ: once Sinkhorn has converged,
+# successive iterations have the same imbalance up to fp32 noise (it is invariant to the
+# row/column gauge), so the tie rule may keep another iteration's gauge; the product is the
+# same.
 RECON_RTOL = 4e-3
 
 
 def _compare(out: torch.Tensor, ref: torch.Tensor, cfg: KVarNConfig) -> None:
     out = out.cpu()
+    p, h = ref.shape[:2]
+    flipped = []
     for got, want in zip(decode_tiles(out, cfg.layout), decode_tiles(ref, cfg.layout), strict=True):
-        differing = (got.codes != want.codes).float().mean().item()
-        assert differing <= MAX_DIFFERING_CODES, differing
-    for a, b in zip(dequantize_pages(out, cfg), dequantize_pages(ref, cfg), strict=True):
+        differing = got.codes != want.codes
+        assert differing.float().mean().item() <= MAX_DIFFERING_CODES, differing.float().mean()
+        flipped.append(differing)
+    # Oriented tiles [P*H, D, G] (K) and [P*H, G, D] (V) -> [P, G, H, D].
+    k_flip = flipped[0].view(p, h, *flipped[0].shape[1:]).permute(0, 3, 1, 2)
+    v_flip = flipped[1].view(p, h, *flipped[1].shape[1:]).permute(0, 2, 1, 3)
+    got = dequantize_pages(out, cfg, rotated=True)
+    want = dequantize_pages(ref, cfg, rotated=True)
+    for a, b, flip in zip(got, want, (k_flip, v_flip), strict=True):
         scale = b.abs().amax(dim=(1, 3), keepdim=True)  # per page and head
-        assert ((a - b).abs() <= RECON_RTOL * scale).all(), float(((a - b).abs() / scale).max())
+        close = (a - b).abs() <= RECON_RTOL * scale
+        assert (close | flip).all(), float(((a - b).abs() / scale).max())
 
 
 @pytest.mark.parametrize("g", [64, 128])

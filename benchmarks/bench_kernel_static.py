@@ -1,0 +1,244 @@
+"""What do the kernels cost once compiled for the GPU? Measured on a CPU machine.
+
+Every kernel is compiled through its real launcher (``decode_attention``, ``commit_pages``,
+``extend_attention``) for sm_90 (H100/H200) and sm_80 (A100) with Triton's stand-in driver
+(``benchmarks.static_compile``), over head_dim, GQA ratio, preset and dtype. For each compiled
+kernel it reports registers, spill bytes, shared memory, programs per SM (and which limit
+binds), the SASS instruction mix, and
+
+* decode: warp-instructions per page per KV head of the packed-page path and of the fp16-page
+  path (static count of the page loop's body, times the warps of a program), next to the time
+  HBM takes to deliver that page, under the issue model below;
+* commit: warp-instructions per page per KV head (K tile plus V tile, every loop run
+  ``sinkhorn_iters`` times).
+
+Issue model (H200, sm_90): 132 SMs x 4 warp-instructions per cycle x 1.98 GHz = 1.045e12
+warp-instructions/s at perfect issue; HBM 4.8 TB/s. A path is memory-bound when its
+warp-instructions take no longer to issue than its page takes to arrive. For sm_80 (A100):
+108 SMs x 4 x 1.41 GHz = 6.09e11 warp-instructions/s, HBM 2.039 TB/s.
+
+    python -m benchmarks.bench_kernel_static          # results/kernel_static_sm{90,80}.json
+    python -m benchmarks.bench_kernel_static --quick  # one configuration per kernel, sm_90
+
+Run it without ``TRITON_INTERPRET`` (the interpreter replaces the kernels at import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ISSUE_MODEL = {
+    90: {"gpu": "H200", "sms": 132, "issue_per_cycle": 4, "clock_hz": 1.98e9, "hbm_bps": 4.8e12},
+    80: {"gpu": "A100", "sms": 108, "issue_per_cycle": 4, "clock_hz": 1.41e9, "hbm_bps": 2.039e12},
+}
+PRESETS = ("k4v2_g128", "k4v4_g128", "k2v2_g128", "k4v2_g128_plus", "k2v2_g128_plus")
+MARKERS = {"packed": {"packed_page_step"}, "fp16": {"fp16_page_step"}}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def issue_rate(capability: int) -> float:
+    m = ISSUE_MODEL[capability]
+    return m["sms"] * m["issue_per_cycle"] * m["clock_hz"]
+
+
+def _decode_inputs(cfg, group: int, dtype):
+    import torch
+
+    from benchmarks.bench_decode import random_store
+
+    cache, table, lens, _ = random_store(cfg, 2, 3 * cfg.page_size + 5, 2, "cpu", False)
+    cache.slot_k, cache.slot_v = cache.slot_k.to(dtype), cache.slot_v.to(dtype)
+    q = torch.randn(2, 2 * group, cfg.head_dim, dtype=dtype)
+    return q, cache, table, lens
+
+
+def run_decode(cfg, group: int, dtype) -> None:
+    from kvarn_sglang.kernels.decode import decode_attention
+
+    q, cache, table, lens = _decode_inputs(cfg, group, dtype)
+    decode_attention(q, cache, table, lens, cfg, cfg.head_dim**-0.5)
+
+
+def run_extend(cfg, group: int, dtype) -> None:
+    import torch
+
+    from kvarn_sglang.kernels.extend import extend_attention
+
+    q, cache, table, _ = _decode_inputs(cfg, group, dtype)
+    pre = torch.tensor([2 * cfg.page_size + 3, cfg.page_size])
+    ext = torch.tensor([2, 5])
+    t = int(ext.sum())
+    q = torch.randn(t, q.shape[1], cfg.head_dim, dtype=dtype)
+    kn = torch.randn(t, 2, cfg.head_dim, dtype=dtype)
+    extend_attention(q, kn, kn.clone(), cache, table, pre, ext, cfg, cfg.head_dim**-0.5)
+
+
+def run_commit(cfg, group: int, dtype) -> None:
+    import torch
+
+    from kvarn_sglang.kernels.commit import commit_pages
+
+    k = torch.randn(2, cfg.page_size, 2, cfg.head_dim).to(dtype)
+    commit_pages(k, k.clone(), cfg)
+
+
+RUNNERS = {"decode": run_decode, "extend": run_extend, "commit": run_commit}
+
+
+_ANALYSED: dict = {}
+
+
+def analyse(launch, capability: int, cfg, kind: str) -> dict:
+    """The row of one compiled kernel (cached by kernel hash: the _plus presets compile the
+    same attention kernels as their plain twins)."""
+    key = (launch.kernel.hash, capability, kind, cfg.page_size, cfg.head_dim, cfg.sinkhorn_iters)
+    if key not in _ANALYSED:
+        _ANALYSED[key] = _analyse(launch, capability, cfg, kind)
+    return dict(_ANALYSED[key])
+
+
+def _analyse(launch, capability: int, cfg, kind: str) -> dict:
+    from benchmarks import sass
+
+    res = sass.resources(launch.kernel, capability)
+    blocks = sass.disassemble(launch.kernel.asm["cubin"])
+    row = {
+        "kernel": launch.name,
+        "error": launch.error,
+        **res,
+        **sass.occupancy(res, capability),
+        "sass": sass.mix(sass.instructions(blocks)),
+    }
+    warps = res["num_warps"]
+    rate = issue_rate(capability)
+    hbm = ISSUE_MODEL[capability]["hbm_bps"]
+    if kind == "decode" and launch.name == "_decode_split_kernel":
+        from kvarn_sglang.kernels.decode import FP16_BLOCK
+
+        per_warp = sass.path_instructions(blocks, MARKERS)
+        page_bytes = {"packed": cfg.page_bytes, "fp16": 2 * 2 * cfg.page_size * cfg.head_dim}
+        # One packed page per iteration; an fp16 page takes G / FP16_BLOCK iterations.
+        per_page = {"packed": 1, "fp16": cfg.page_size // FP16_BLOCK}
+        for path, nbytes in page_bytes.items():
+            if path in per_warp:
+                wi = per_warp[path] * warps * per_page[path]
+                row[f"{path}_page"] = {
+                    "warp_instructions": wi,
+                    "issue_ns": wi / rate * 1e9,
+                    "bytes": nbytes,
+                    "hbm_ns": nbytes / hbm * 1e9,
+                    "memory_bound": wi / rate <= nbytes / hbm,
+                }
+    if kind == "commit":  # one tile: the persistent loop's body, inner loops run out
+        body = sass.loop_body(blocks, "for tile in range")
+        trips = {"range(ITERS)": cfg.sinkhorn_iters, "range(REFIT)": cfg.refit_iters}
+        wi = sass.dynamic_instructions(blocks[body[0] : body[-1] + 1], trips) if body else 0
+        row["tile_warp_instructions"] = int(wi * warps)
+    return row
+
+
+def sweep(args, capability: int) -> list[dict]:
+    import torch
+
+    from benchmarks.static_compile import compile_for
+    from kvarn_sglang.config import get_preset
+
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    rows = []
+    for kind in args.kernels.split(","):
+        groups = [int(g) for g in args.gqa.split(",")] if kind != "commit" else [1]
+        for preset in args.presets.split(","):
+            for d in (int(x) for x in args.head_dims.split(",")):
+                for group in groups:
+                    for dname in args.dtypes.split(","):
+                        cfg = get_preset(preset, head_dim=d)
+                        config = {"preset": preset, "head_dim": d, "gqa": group, "dtype": dname}
+                        with compile_for(capability) as cap:
+                            RUNNERS[kind](cfg, group, dtypes[dname])
+                        seen = set()
+                        commit_wi = 0
+                        for launch in cap.launches:
+                            key = (launch.name, launch.kernel.hash)
+                            if key in seen:
+                                continue
+                            seen.add(key)
+                            row = {"family": kind, **config, "grid": launch.grid}
+                            row.update(analyse(launch, capability, cfg, kind))
+                            commit_wi += row.get("tile_warp_instructions", 0)
+                            rows.append(row)
+                        if kind == "commit":  # K tile and V tile of one page of one KV head
+                            for row in rows[-len(seen) :]:
+                                row["page_warp_instructions"] = commit_wi
+                        print_row(rows[-len(seen) :])
+    return rows
+
+
+def print_row(rows: list[dict]) -> None:
+    if not hasattr(print_row, "header"):
+        print(
+            "| kernel | preset | D | GQA | dtype | regs | spill st/ld B | shared B | progs/SM "
+            "| I2F | local | packed wi/page (HBM ns) | fp16 wi/page (HBM ns) | commit wi/page |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print_row.header = True
+    for r in rows:
+
+        def path(name, r=r):
+            p = r.get(f"{name}_page")
+            return f"{p['warp_instructions']} ({p['hbm_ns']:.1f})" if p else "-"
+
+        name = r["kernel"] + (" (does not load: shared memory)" if r["error"] else "")
+        print(
+            f"| {name} | {r['preset']} | {r['head_dim']} | {r['gqa']} | {r['dtype']} "
+            f"| {r['registers']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} "
+            f"| {r['shared_bytes']} | {r['programs_per_sm']} | {r['sass']['int_to_float']} "
+            f"| {r['sass']['local']} | {path('packed')} | {path('fp16')} "
+            f"| {r.get('page_warp_instructions', '-')} |",
+            flush=True,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", default="90,80", help="compute capabilities")
+    parser.add_argument("--kernels", default="decode,extend,commit")
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--head-dims", default="64,128,256")
+    parser.add_argument("--gqa", default="1,4,5,7,8")
+    parser.add_argument("--dtypes", default="fp16,bf16")
+    parser.add_argument("--quick", action="store_true", help="k4v2_g128, D 128, GQA 4, fp16")
+    parser.add_argument("--output-dir", default=str(RESULTS))
+    parser.add_argument("--json", default=None, help="with --quick: write the rows here")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("bench_kernel_static compiles for the GPU: unset TRITON_INTERPRET", file=sys.stderr)
+        return 1
+    if args.quick:
+        args.arch, args.presets, args.head_dims, args.gqa, args.dtypes = (
+            "90", "k4v2_g128", "128", "4", "fp16",
+        )  # fmt: skip
+    from benchmarks.common import result_header, write_result
+
+    for capability in (int(a) for a in args.arch.split(",")):
+        print(f"\n### sm_{capability}\n")
+        rows = sweep(args, capability)
+        body = {
+            "target": f"sm_{capability}",
+            "issue_model": ISSUE_MODEL[capability]
+            | {"warp_instructions_per_s": issue_rate(capability)},
+            "rows": rows,
+        }
+        out = (
+            args.json
+            if args.quick
+            else Path(args.output_dir) / f"kernel_static_sm{capability}.json"
+        )
+        write_result(str(out) if out else None, result_header(argv, "cpu"), body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
