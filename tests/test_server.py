@@ -2,10 +2,11 @@
 
 One KVarN server (SmolLM2-135M, ``--max-running-requests 4 --kvarn-slots 5``: the fewest
 slots the plugin accepts, so a cached prefix's sink page competes with running requests for
-slots and admission makes requests wait for them) and one fp16 server (``--attention-backend torch_native``) are started as subprocesses
-with the test-only ``sgl_kernel`` stand-in (``tests/cpu_engine``) and driven over HTTP by a
-real OpenAI client. Nothing of SGLang is re-implemented here: its scheduler, radix cache,
-allocator, KV-cache configurator, model runner and HTTP server run as shipped.
+slots and admission makes requests wait for them) and one fp16 server
+(``--attention-backend torch_native``) are started as subprocesses with the test-only
+``sgl_kernel`` stand-in (``tests/cpu_engine``) and driven over HTTP by a real OpenAI client.
+Nothing of SGLang is re-implemented here: its scheduler, radix cache, allocator, KV-cache
+configurator, model runner and HTTP server run as shipped.
 
 The tests share the servers and run in file order (pytest's default): start, capacity,
 prefix-cache hit == miss, teacher-forced agreement with ``kvarn-sglang eval``, a mixed load,
