@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from kvarn_sglang.config import KVarNConfig
-from kvarn_sglang.kernels.quantize_tile import _quantize_tile
+from kvarn_sglang.kernels.quantize_tile import _quantize_tile, fresh
 from kvarn_sglang.kernels.validate import compiled, hadamard_signs
 from kvarn_sglang.reference import (
     LOG_MAX,
@@ -50,45 +50,53 @@ def _commit_tile_kernel(
     BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, REFIT: tl.constexpr,
     LOG_LO: tl.constexpr, LOG_HI: tl.constexpr, STD_LO: tl.constexpr, STD_HI: tl.constexpr,
     SCALE_LO: tl.constexpr, SKIP_ROW0: tl.constexpr, OP: tl.constexpr, CB: tl.constexpr,
+    OPAQUE: tl.constexpr,
 ):  # fmt: skip
     # Persistent: program i quantizes tiles i, i + programs, ... (tile = page * H + head).
     tok = tl.arange(0, G)
-    ch = tl.arange(0, D)
     scratch = scratch_ptr + tl.program_id(0) * (2 * G * D + 3 * R + C)
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         page = tile // H
         head = tile % H
         row = tl.load(index_ptr + page)
         if (row != 0) | (not SKIP_ROW0):  # row 0 pads a static commit list: skipped
-            x = tl.load(
-                x_ptr + page * stride_xp + head * stride_xh + tok[:, None] * stride_xg + ch[None, :]
-            )
-            # The rotation, by column blocks of at most 128 (shared memory at head_dim 256):
-            # exact products (signs are +-1 in the input's dtype), fp32 accumulation on tensor
-            # cores; it feeds the rounding decisions. OP is fp32 only in Triton's interpreter.
+            # The rotation, by blocks of CB columns and CB input channels (shared memory and
+            # registers at head_dim 256: the input is read by channel blocks, never held
+            # whole): exact products (signs are +-1 in the input's dtype), fp32
+            # accumulation on tensor cores; it feeds the rounding decisions. OP is fp32 only in
+            # Triton's interpreter.
             # The result goes through the program's scratch tile: the statistics then run in a
             # layout that spreads rows and columns over the threads (the tensor-core layout
             # holds 32 columns per thread and spills the per-column vectors), with rows
             # contiguous ([R, C]: rows = channels for K, tokens for V), which keeps the
             # refit's per-row vectors small.
-            tl.debug_barrier()  # the previous tile's reads are done
+            x_tile = x_ptr + page * stride_xp + head * stride_xh + tok[:, None] * stride_xg
             for cb in tl.static_range(D // CB):
+                # The previous tile's reads are done; one column block at a time (the
+                # compiler would otherwise overlap two blocks' accumulators).
+                tl.debug_barrier()
                 cols = cb * CB + tl.arange(0, CB)
-                sign = tl.load(sign_ptr + ch[:, None] * D + cols[None, :])
-                if tl.float32 == OP:
-                    xr = tl.dot(x.to(OP), sign, input_precision="ieee") * inv_sqrt_d
-                else:
-                    xr = tl.dot(x.to(OP), sign) * inv_sqrt_d  # [G, CB]
+                xr = tl.zeros((G, CB), dtype=tl.float32)
+                for kb in tl.static_range(D // CB):
+                    kch = kb * CB + tl.arange(0, CB)
+                    x = tl.load(x_tile + kch[None, :])
+                    sign = tl.load(sign_ptr + kch[:, None] * D + cols[None, :])
+                    if tl.float32 == OP:
+                        xr = tl.dot(x.to(OP), sign, xr, input_precision="ieee")
+                    else:
+                        xr = tl.dot(x.to(OP), sign, xr)  # [G, CB]
+                xr = xr * inv_sqrt_d
                 if PER_CHANNEL:
                     x_offs = tok[:, None] * D + cols[None, :]  # m[d, t] = xr[t, d]
                 else:
                     x_offs = tok[:, None] + cols[None, :] * G  # m[t, d] = xr[t, d]
-                tl.store(scratch + x_offs, xr)
+                tl.store(fresh(scratch, OPAQUE) + x_offs, xr)
             tl.debug_barrier()
             _quantize_tile(
-                scratch, scratch + 2 * G * D, row * stride_or + head * stride_oh,
+                scratch, row * stride_or + head * stride_oh,
                 out_u8_ptr, out_f16_ptr, codes_off, scale_off, zero_off, norm_off, ITERS,
                 G, D, R, C, BITS, PER_CHANNEL, REFIT, LOG_LO, LOG_HI, STD_LO, STD_HI, SCALE_LO,
+                OPAQUE,
             )  # fmt: skip
 
 
@@ -204,7 +212,12 @@ def commit_pages(
             G=g, D=d, R=d if per_channel else g, C=g if per_channel else d,
             BITS=bits, PER_CHANNEL=per_channel, REFIT=config.refit_iters,
             LOG_LO=LOG_MIN, LOG_HI=LOG_MAX, STD_LO=STD_MIN, STD_HI=STD_MAX, SCALE_LO=SCALE_MIN,
-            SKIP_ROW0=skip_row0, OP=TORCH_TO_TL[op], CB=min(d, 128),
+            SKIP_ROW0=skip_row0, OP=TORCH_TO_TL[op],
+            # Blocks of the rotation (registers and shared memory at head_dim 256: K's
+            # scratch layout leaves room for 64 columns at a time only) and opaque scratch
+            # addresses (kernels.quantize_tile.fresh) above 128 x 128 tiles.
+            CB=64 if per_channel and d > 128 else min(d, 128),
+            OPAQUE=op != torch.float32 and g * d > 128 * 128,
             num_warps=commit_warps(g, d), num_stages=1,
         )  # fmt: skip
     return out

@@ -41,6 +41,26 @@ def _rtn(x, zero, scale, QMAX: tl.constexpr):
 
 
 @triton.jit
+def fresh(ptr, OPAQUE: tl.constexpr):
+    """With ``OPAQUE``, ``ptr`` (a 16-byte aligned scalar pointer) as a value the compiler
+    cannot see through (an inline-assembly move; never under Triton's interpreter), so that
+    the addresses derived from it are computed where they are used, not hoisted out of the
+    persistent loop and kept alive (spilled) across the whole tile."""
+    if OPAQUE:
+        x = tl.inline_asm_elementwise(
+            "mov.b64 $0, $1;",
+            "=l,l",
+            [ptr.to(tl.int64, bitcast=True)],
+            dtype=tl.int64,
+            is_pure=False,
+            pack=1,
+        )
+        return tl.multiple_of(x.to(ptr.dtype, bitcast=True), 16)
+    else:
+        return ptr
+
+
+@triton.jit
 def _m(m_ptr, R: tl.constexpr, C: tl.constexpr):
     """The scratch tile ``[R, C]`` (rows contiguous), read anew."""
     return tl.load(m_ptr + tl.arange(0, R)[:, None] + tl.arange(0, C)[None, :] * R, volatile=True)
@@ -124,11 +144,11 @@ def _round_rows(
 
 @triton.jit
 def _quantize_tile(
-    m_ptr, v_ptr, rec, out_u8_ptr, out_f16_ptr, codes_off, scale_off, zero_off, norm_off, ITERS,
+    s_ptr, rec, out_u8_ptr, out_f16_ptr, codes_off, scale_off, zero_off, norm_off, ITERS,
     G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, REFIT: tl.constexpr,
     LOG_LO: tl.constexpr, LOG_HI: tl.constexpr, STD_LO: tl.constexpr, STD_HI: tl.constexpr,
-    SCALE_LO: tl.constexpr,
+    SCALE_LO: tl.constexpr, OPAQUE: tl.constexpr,
 ):  # fmt: skip
     """Normalize, round and store one rotated, oriented tile ``m [R, C]`` at record ``rec``.
 
@@ -136,10 +156,13 @@ def _quantize_tile(
     needed, with volatile loads so that the compiler keeps no copy of it in registers across
     loops; the balanced tile later replaces it there.
     """
+    m_ptr = s_ptr
     # Sinkhorn-like variance normalization, log domain, best imbalance kept. Each iteration
     # starts from the tile the previous one ended with (m itself at first: exp(0) = 1), so the
     # column stds of the imbalance are the next iteration's column stds: computed once.
     # The best scales so far wait in the scratch vectors (not registers): [C] then [R].
+    m_ptr = fresh(m_ptr, OPAQUE)
+    v_ptr = m_ptr + 2 * R * C
     log_c = tl.zeros((1, C), dtype=tl.float32)
     log_r = tl.zeros((R, 1), dtype=tl.float32)
     vec_c = v_ptr + tl.arange(0, C)[None, :]
@@ -170,14 +193,26 @@ def _quantize_tile(
     # The codes go to the second scratch tile, each row's scale and zero point (the
     # normalization absorbed) to scratch vectors.
     RB: tl.constexpr = R // 8
-    q_ptr = m_ptr + R * C
     for rb in range(R // RB):  # a loop, not unrolled: one block live at a time
+        b_ptr = fresh(s_ptr, OPAQUE)
         _round_rows(
-            m_ptr + rb * RB, q_ptr + rb * RB, v_ptr, rb * RB, R, C, RB, BITS, REFIT, SCALE_LO
+            b_ptr + rb * RB,
+            b_ptr + R * C + rb * RB,
+            b_ptr + 2 * R * C,
+            rb * RB,
+            R,
+            C,
+            RB,
+            BITS,
+            REFIT,
+            SCALE_LO,
         )
     tl.debug_barrier()
 
     # Absorb the normalization; trade one power of two between rows and columns.
+    m_ptr = fresh(s_ptr, OPAQUE)
+    v_ptr = m_ptr + 2 * R * C
+    q_ptr = m_ptr + R * C
     rows = tl.arange(0, R)
     cols = tl.arange(0, C)
     scale = tl.load(v_ptr + C + R + rows)
