@@ -36,6 +36,7 @@ from kvarn_sglang.kernels.page_tiles import (
     load_value_quarters,
     packed_page_step,
     record_offsets,
+    zero_quarters,
 )
 from kvarn_sglang.kernels.validate import (
     check_paged_inputs,
@@ -90,24 +91,15 @@ def _decode_split_kernel(
     # Transposed: queries are columns ([channels, heads]), keys and channels rows.
     qt = qr_ptr + (b * HQ + heads)[None, :] * D + cq[:, None]
     qm = hmask[None, :]
-    q0 = tl.load(qt, mask=qm, other=0.0)
-    q1 = tl.load(qt + Q, mask=qm, other=0.0)
-    q2 = tl.load(qt + 2 * Q, mask=qm, other=0.0)
-    q3 = tl.load(qt + 3 * Q, mask=qm, other=0.0)
+    q0, q1, q2, q3 = load_value_quarters(qt, qm, Q)
 
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_H,), tl.float32)
-    a0 = tl.zeros((Q, BLOCK_H), tl.float32)
-    a1 = tl.zeros((Q, BLOCK_H), tl.float32)
-    a2 = tl.zeros((Q, BLOCK_H), tl.float32)
-    a3 = tl.zeros((Q, BLOCK_H), tl.float32)
+    a0, a1, a2, a3 = zero_quarters(Q, BLOCK_H)
     for j in range(p_start, p_end):
         page = tl.load(table_ptr + b * stride_tb + j)
         if D > 128:  # re-read per page (L2) rather than held: registers at head_dim 256
-            q0 = tl.load(qt, mask=qm, other=0.0, volatile=True)
-            q1 = tl.load(qt + Q, mask=qm, other=0.0, volatile=True)
-            q2 = tl.load(qt + 2 * Q, mask=qm, other=0.0, volatile=True)
-            q3 = tl.load(qt + 3 * Q, mask=qm, other=0.0, volatile=True)
+            q0, q1, q2, q3 = load_value_quarters(qt, qm, Q, True)
         m_i, l_i, a0, a1, a2, a3 = packed_page_step(
             q0, q1, q2, q3, pk_u8_ptr, pk_f16_ptr, page * stride_pp + kvh * stride_ph,
             kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
@@ -116,10 +108,7 @@ def _decode_split_kernel(
 
     qp = tl.load(q_ptr + (b * HQ + heads)[None, :] * D + ch[:, None], mask=qm, other=0.0)
     qp = round_to(qp, DT, OP)
-    c0 = tl.zeros((Q, BLOCK_H), tl.float32)
-    c1 = tl.zeros((Q, BLOCK_H), tl.float32)
-    c2 = tl.zeros((Q, BLOCK_H), tl.float32)
-    c3 = tl.zeros((Q, BLOCK_H), tl.float32)
+    c0, c1, c2, c3 = zero_quarters(Q, BLOCK_H)
     tb = tl.arange(0, FB)
     NB: tl.constexpr = G // FB
     for i in range(f_start * NB, f_end * NB):  # fp16 pages in blocks of FB tokens

@@ -35,6 +35,7 @@ from kvarn_sglang.kernels.page_tiles import (
     packed_page_step,
     record_offsets,
     rotate_back,
+    zero_quarters,
 )
 from kvarn_sglang.kernels.validate import (
     INDEX_DTYPES,
@@ -88,17 +89,11 @@ def _extend_kernel(
     # Transposed: the block's queries are columns ([channels, queries]).
     qt = qr_ptr + (q_rows * HQ + head)[None, :] * D + cq[:, None]
     qm = q_valid[None, :]
-    q0 = tl.load(qt, mask=qm, other=0.0)
-    q1 = tl.load(qt + Q, mask=qm, other=0.0)
-    q2 = tl.load(qt + 2 * Q, mask=qm, other=0.0)
-    q3 = tl.load(qt + 3 * Q, mask=qm, other=0.0)
+    q0, q1, q2, q3 = load_value_quarters(qt, qm, Q)
 
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
-    a0 = tl.zeros((Q, BM), tl.float32)
-    a1 = tl.zeros((Q, BM), tl.float32)
-    a2 = tl.zeros((Q, BM), tl.float32)
-    a3 = tl.zeros((Q, BM), tl.float32)
+    a0, a1, a2, a3 = zero_quarters(Q, BM)
     sinks = tl.minimum(sink_pages, j)
     for jj in range(sinks, j):  # earlier pages, packed
         page = tl.load(table_ptr + b * stride_tb + jj)
@@ -110,10 +105,7 @@ def _extend_kernel(
 
     qp = tl.load(q_ptr + (q_rows * HQ + head)[None, :] * D + ch[:, None], mask=qm, other=0.0)
     qp = round_to(qp, DT, OP)
-    c0 = tl.zeros((Q, BM), tl.float32)
-    c1 = tl.zeros((Q, BM), tl.float32)
-    c2 = tl.zeros((Q, BM), tl.float32)
-    c3 = tl.zeros((Q, BM), tl.float32)
+    c0, c1, c2, c3 = zero_quarters(Q, BM)
     tb = tl.arange(0, FB)
     NB: tl.constexpr = G // FB
     own_slot = tl.load(page_slot_ptr + tl.load(table_ptr + b * stride_tb + j))

@@ -37,14 +37,26 @@ def softmax_step(s, m_i, l_i):
 
 
 @triton.jit
-def load_value_quarters(ptrs, mask, Q: tl.constexpr):
-    """The four channel quarters ``[T, Q]`` of fp16/bf16 values at ``ptrs`` (quarter i at
-    ``+ i * Q``), zero where ``mask`` is false."""
-    v0 = tl.load(ptrs, mask=mask, other=0.0)
-    v1 = tl.load(ptrs + Q, mask=mask, other=0.0)
-    v2 = tl.load(ptrs + 2 * Q, mask=mask, other=0.0)
-    v3 = tl.load(ptrs + 3 * Q, mask=mask, other=0.0)
+def load_value_quarters(ptrs, mask, Q: tl.constexpr, VOLATILE: tl.constexpr = False):
+    """The four channel quarters of fp16/bf16 values at ``ptrs`` (quarter i at ``+ i * Q``;
+    ``[T, Q]`` for keys or values, ``[Q, N]`` for transposed queries), zero where ``mask`` is
+    false. ``VOLATILE`` re-reads them (no copy kept in registers across a loop)."""
+    v0 = tl.load(ptrs, mask=mask, other=0.0, volatile=VOLATILE)
+    v1 = tl.load(ptrs + Q, mask=mask, other=0.0, volatile=VOLATILE)
+    v2 = tl.load(ptrs + 2 * Q, mask=mask, other=0.0, volatile=VOLATILE)
+    v3 = tl.load(ptrs + 3 * Q, mask=mask, other=0.0, volatile=VOLATILE)
     return v0, v1, v2, v3
+
+
+@triton.jit
+def zero_quarters(Q: tl.constexpr, N: tl.constexpr):
+    """Four fp32 accumulators ``[Q, N]``, one per channel quarter."""
+    return (
+        tl.zeros((Q, N), tl.float32),
+        tl.zeros((Q, N), tl.float32),
+        tl.zeros((Q, N), tl.float32),
+        tl.zeros((Q, N), tl.float32),
+    )
 
 
 @triton.jit
