@@ -33,6 +33,7 @@ from kvarn_sglang.forward_plan import (
     CLEAN,
     ForwardPlan,
     build_plan,
+    clean_rows,
     completed_pages,
     gather_pages,
     page_table_of,
@@ -40,7 +41,7 @@ from kvarn_sglang.forward_plan import (
 from kvarn_sglang.model_check import refuse_unsupported_layers
 from kvarn_sglang.pool import KVarNTokenToKVPool
 from kvarn_sglang.reference import ref_decode_attention, ref_extend_attention
-from kvarn_sglang.request_guard import commit_pages, screen
+from kvarn_sglang.request_guard import pages_to_commit, screen
 
 
 class KVarNAttnBackend(AttentionBackend):
@@ -101,7 +102,7 @@ class KVarNAttnBackend(AttentionBackend):
         self.graph_page_table = torch.zeros(max_bs, max_pages, dtype=torch.long, device=dev)
         self.graph_commits = torch.zeros(max_bs, dtype=torch.long, device=dev)
         self.graph_commit_rows = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.graph_bad_layer = torch.full((max_bs,), CLEAN, dtype=torch.int32, device=dev)
+        self.graph_bad_layer = clean_rows(max_bs, dev)
         self.graph_token_rows = torch.arange(max_bs, dtype=torch.long, device=dev)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
@@ -174,9 +175,9 @@ class KVarNAttnBackend(AttentionBackend):
         local = layer.layer_id - self.pool.start_layer
         # Screened: nothing non-finite reaches a commit, so the commit's own check (a host
         # synchronisation per layer on CUDA) is skipped.
-        slot_pages = commit_pages(plan.slot_commits, plan.slot_commit_rows, plan)
+        slot_pages = pages_to_commit(plan.slot_commits, plan.slot_commit_rows, plan)
         store.commit_slots(local, slot_pages, check_finite=False)
-        direct = commit_pages(plan.direct_pages, plan.direct_page_rows, plan)
+        direct = pages_to_commit(plan.direct_pages, plan.direct_page_rows, plan)
         rows = plan.direct_rows
         store.commit(local, direct, k[rows], v[rows], check_finite=False)
         return local, k, v

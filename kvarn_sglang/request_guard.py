@@ -10,7 +10,7 @@ alike: device operations only, no host branch):
    fp16 slot (the scratch slot included) ever holds NaN/Inf and the request's own attention,
    logits and sampling stay finite; its batch row records the first such layer
    (``ForwardPlan.bad_layer``);
-2. ``commit_pages``: the pages the pass completes for a flagged row are not committed (page 0
+2. ``pages_to_commit``: the pages the pass completes for a flagged row are not committed (page 0
    stands in for them, and every commit skips page 0), so no quantized record is made from it.
 
 After the pass the scheduler (``kvarn_sglang.patches.scheduler``) reads the flags
@@ -45,7 +45,7 @@ def screen(
     return k, v
 
 
-def commit_pages(pages: torch.Tensor, rows: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
+def pages_to_commit(pages: torch.Tensor, rows: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
     """``pages [M]`` (of batch rows ``rows [M]``) with page 0 in place of every page of a
     flagged row: the pages a layer may commit."""
     return torch.where(plan.bad_layer[rows] == CLEAN, pages, torch.zeros_like(pages))
