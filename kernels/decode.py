@@ -36,6 +36,8 @@ from kvarn_sglang.kernels.page_tiles import (
     load_value_quarters,
     packed_page_step,
     record_offsets,
+    rescale_quarters,
+    store_quarters,
     zero_quarters,
 )
 from kvarn_sglang.kernels.validate import (
@@ -124,24 +126,13 @@ def _decode_split_kernel(
             qp, k, v0.to(OP), v1.to(OP), v2.to(OP), v3.to(OP), valid[:, None],
             m_i, l_i, c0, c1, c2, c3, qk_scale, DT, OP,
         )  # fmt: skip
-        a0 = a0 * alpha[None, :]
-        a1 = a1 * alpha[None, :]
-        a2 = a2 * alpha[None, :]
-        a3 = a3 * alpha[None, :]
+        a0, a1, a2, a3 = rescale_quarters(a0, a1, a2, a3, alpha)
 
     mid = (b * HQ + heads) * SPLITS + split
     tl.store(mid_m_ptr + mid, m_i, mask=hmask)
     tl.store(mid_l_ptr + mid, l_i, mask=hmask)
-    ar = mid_ar_ptr + mid[None, :] * D + cq[:, None]
-    tl.store(ar, a0, mask=qm)
-    tl.store(ar + Q, a1, mask=qm)
-    tl.store(ar + 2 * Q, a2, mask=qm)
-    tl.store(ar + 3 * Q, a3, mask=qm)
-    ap = mid_ap_ptr + mid[None, :] * D + cq[:, None]
-    tl.store(ap, c0, mask=qm)
-    tl.store(ap + Q, c1, mask=qm)
-    tl.store(ap + 2 * Q, c2, mask=qm)
-    tl.store(ap + 3 * Q, c3, mask=qm)
+    store_quarters(mid_ar_ptr + mid[None, :] * D + cq[:, None], a0, a1, a2, a3, qm, Q)
+    store_quarters(mid_ap_ptr + mid[None, :] * D + cq[:, None], c0, c1, c2, c3, qm, Q)
 
 
 @triton.jit

@@ -34,6 +34,7 @@ from kvarn_sglang.kernels.page_tiles import (
     load_value_quarters,
     packed_page_step,
     record_offsets,
+    rescale_quarters,
     rotate_back,
     zero_quarters,
 )
@@ -135,10 +136,7 @@ def _extend_kernel(
             _sum(v2, w2, DT, OP), _sum(v3, w3, DT, OP), causal, m_i, l_i, c0, c1, c2, c3,
             qk_scale, DT, OP,
         )  # fmt: skip
-        a0 = a0 * alpha[None, :]
-        a1 = a1 * alpha[None, :]
-        a2 = a2 * alpha[None, :]
-        a3 = a3 * alpha[None, :]
+        a0, a1, a2, a3 = rescale_quarters(a0, a1, a2, a3, alpha)
 
     out = out_ptr + (q_rows * HQ + head)[None, :] * D + cq[:, None]
     l_i = tl.where(l_i > 0, l_i, 1.0)

@@ -49,6 +49,23 @@ def load_value_quarters(ptrs, mask, Q: tl.constexpr, VOLATILE: tl.constexpr = Fa
 
 
 @triton.jit
+def store_quarters(ptrs, x0, x1, x2, x3, mask, Q: tl.constexpr):
+    """Store the four channel quarters ``x0..x3`` at ``ptrs`` (quarter i at ``+ i * Q``)
+    where ``mask`` holds: the inverse of ``load_value_quarters``."""
+    tl.store(ptrs, x0, mask=mask)
+    tl.store(ptrs + Q, x1, mask=mask)
+    tl.store(ptrs + 2 * Q, x2, mask=mask)
+    tl.store(ptrs + 3 * Q, x3, mask=mask)
+
+
+@triton.jit
+def rescale_quarters(a0, a1, a2, a3, alpha):
+    """Accumulators ``[Q, N]`` times the online softmax's correction ``alpha [N]`` (when an
+    fp16 block raised the running maximum, the packed part must follow)."""
+    return a0 * alpha[None, :], a1 * alpha[None, :], a2 * alpha[None, :], a3 * alpha[None, :]
+
+
+@triton.jit
 def zero_quarters(Q: tl.constexpr, N: tl.constexpr):
     """Four fp32 accumulators ``[Q, N]``, one per channel quarter."""
     return (
