@@ -134,8 +134,13 @@ def _analyse(launch, capability: int, cfg, kind: str) -> dict:
                 }
     if kind == "commit":  # one tile: the persistent loop's body, inner loops run out
         body = sass.loop_body(blocks, "for tile in range")
+        if not body:  # a count of 0 would pass for a measurement
+            raise RuntimeError(
+                "the commit kernel's tile loop is not found in its SASS line info: a cached "
+                "build whose source file no longer exists? Run with an empty TRITON_CACHE_DIR"
+            )
         trips = {"range(ITERS)": cfg.sinkhorn_iters, "range(REFIT)": cfg.refit_iters}
-        wi = sass.dynamic_instructions(blocks[body[0] : body[-1] + 1], trips) if body else 0
+        wi = sass.dynamic_instructions(blocks[body[0] : body[-1] + 1], trips)
         row["tile_warp_instructions"] = int(wi * warps)
     return row
 
