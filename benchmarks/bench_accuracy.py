@@ -20,8 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kvarn_sglang.cli import main as cli_main
-from kvarn_sglang.provenance import git_commit
+from kvarn_sglang.eval.cli import main as cli_main
+from kvarn_sglang.eval.provenance import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = (
@@ -32,8 +32,8 @@ METHODS = (
 
 def show(path: Path) -> int:
     """Print both markdown tables of a committed result."""
-    from kvarn_sglang.eval_cli import CURVE_NOTE
-    from kvarn_sglang.eval_report import format_curve_table, format_table, result_from_json
+    from kvarn_sglang.eval.command import CURVE_NOTE
+    from kvarn_sglang.eval.report import format_curve_table, format_table, result_from_json
 
     result = result_from_json(json.loads(path.read_text()))
     print(f"{format_table(result)}\n\n{CURVE_NOTE}\n\n{format_curve_table(result)}")

@@ -18,9 +18,9 @@ from functools import partial
 
 import torch
 
-from benchmarks.bench_decode import random_store
-from benchmarks.common import hbm_peak_gbs, result_header, time_fn, write_result
-from kvarn_sglang.config import get_preset
+from benchmarks.harness.common import hbm_peak_gbs, result_header, time_fn, write_result
+from benchmarks.harness.random_store import random_store
+from kvarn_sglang.format.config import get_preset
 from kvarn_sglang.kernels.commit import commit_pages
 from kvarn_sglang.kernels.decode import decode_attention
 

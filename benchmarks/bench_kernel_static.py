@@ -2,9 +2,9 @@
 
 Every kernel is compiled through its real launcher (``decode_attention``, ``commit_pages``,
 ``extend_attention``) for sm_90 (H100/H200) and sm_80 (A100) with Triton's stand-in driver
-(``benchmarks.static_compile``), over head_dim, GQA ratio, preset and dtype. For each compiled
-kernel it reports registers, spill bytes, shared memory, programs per SM (and which limit
-binds), the SASS instruction mix, and
+(``benchmarks.harness.static_compile``), over head_dim, GQA ratio, preset and dtype. For each
+compiled kernel it reports registers, spill bytes, shared memory, programs per SM (and which
+limit binds), the SASS instruction mix, and
 
 * decode: warp-instructions per page per KV head of the packed-page path and of the fp16-page
   path (static count of the page loop's body, times the warps of a program), next to the time
@@ -47,7 +47,7 @@ def issue_rate(capability: int) -> float:
 def _decode_inputs(cfg, group: int, dtype):
     import torch
 
-    from benchmarks.bench_decode import random_store
+    from benchmarks.harness.random_store import random_store
 
     cache, table, lens, _ = random_store(cfg, 2, 3 * cfg.page_size + 5, 2, "cpu", False)
     cache.slot_k, cache.slot_v = cache.slot_k.to(dtype), cache.slot_v.to(dtype)
@@ -101,7 +101,7 @@ def analyse(launch, capability: int, cfg, kind: str) -> dict:
 
 
 def _analyse(launch, capability: int, cfg, kind: str) -> dict:
-    from benchmarks import sass
+    from benchmarks.harness import sass
 
     res = sass.resources(launch.kernel, capability)
     blocks = sass.disassemble(launch.kernel.asm["cubin"])
@@ -148,8 +148,8 @@ def _analyse(launch, capability: int, cfg, kind: str) -> dict:
 def sweep(args, capability: int) -> list[dict]:
     import torch
 
-    from benchmarks.static_compile import compile_for
-    from kvarn_sglang.config import get_preset
+    from benchmarks.harness.static_compile import compile_for
+    from kvarn_sglang.format.config import get_preset
 
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
     rows = []
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         args.arch, args.presets, args.head_dims, args.gqa, args.dtypes = (
             "90", "k4v2_g128", "128", "4", "fp16",
         )  # fmt: skip
-    from benchmarks.common import result_header, write_result
+    from benchmarks.harness.common import result_header, write_result
 
     for capability in (int(a) for a in args.arch.split(",")):
         print(f"\n### sm_{capability}\n")

@@ -2,18 +2,18 @@
 real scheduler? (CPU; SGLang's own admission, retraction, allocation and radix tree.)
 
 Each pool (fp16 and fp8 e4m3 at page size 1 and 128, KVarN presets) is sized by bytes for a
-model shape and GPU budget (``benchmarks.pools``) and serves the same seeded workload
-(``benchmarks.workloads``) through ``benchmarks.sglang_sched.SchedServer``: SGLang 0.5.23's
-``PrefillAdder``/``SchedulePolicy`` (FCFS), chunked prefill, ``retract_decode``, allocation
-and ``UnifiedRadixCache``, driven without a model; output lengths vary per request and are
-unknown to the scheduler (``max_new_tokens`` above them, a stop token ends each). Reported per
-pool: tokens the pool holds and holds on average, the decode batch (mean, p50, p99: branches
-decoding at once; and its mean over the decode steps during which requests were waiting, when
-memory and ``--max-running-requests``, not the workload, set it), the cached-token rate
-(SGLang's ``cached_tokens`` / prompt tokens), prompt tokens re-prefilled because their prefix
-had been evicted (an unbounded radix cache would have matched them), retractions and aborted
-requests, time to first token of a new branch in steps (forward passes from ready to first
-token), and for KVarN the fp16 slots (total, peak, mean held, mean held by cached sinks,
+model shape and GPU budget (``benchmarks.harness.pools``) and serves the same seeded workload
+(``benchmarks.harness.workloads``) through ``benchmarks.harness.sglang_sched.SchedServer``:
+SGLang 0.5.23's ``PrefillAdder``/``SchedulePolicy`` (FCFS), chunked prefill, ``retract_decode``,
+allocation and ``UnifiedRadixCache``, driven without a model; output lengths vary per request
+and are unknown to the scheduler (``max_new_tokens`` above them, a stop token ends each).
+Reported per pool: tokens the pool holds and holds on average, the decode batch (mean, p50, p99:
+branches decoding at once; and its mean over the decode steps during which requests were
+waiting, when memory and ``--max-running-requests``, not the workload, set it), the cached-token
+rate (SGLang's ``cached_tokens`` / prompt tokens), prompt tokens re-prefilled because their
+prefix had been evicted (an unbounded radix cache would have matched them), retractions and
+aborted requests, time to first token of a new branch in steps (forward passes from ready to
+first token), and for KVarN the fp16 slots (total, peak, mean held, mean held by cached sinks,
 evictions by sink, admissions that waited for slots) and pages quantized against full pages
 written (each exactly once: asserted). After every run the pool is checked for leaks
 (``check_no_leak``).
@@ -38,13 +38,13 @@ from dataclasses import asdict
 
 import torch
 
-from benchmarks.common import result_header, write_result
-from benchmarks.pools import ModelShape, make_pool
-from benchmarks.prefix_sharing_report import plot, table
-from benchmarks.sched_context import scheduler_context, write_llama_config
-from benchmarks.sglang_sched import SchedServer, check_no_leak
-from benchmarks.workloads import WORKLOADS, describe, make_workload
-from kvarn_sglang.provenance import versions
+from benchmarks.harness.common import result_header, write_result
+from benchmarks.harness.pools import ModelShape, make_pool
+from benchmarks.harness.prefix_sharing_report import plot, table
+from benchmarks.harness.sched_context import scheduler_context, write_llama_config
+from benchmarks.harness.sglang_sched import SchedServer, check_no_leak
+from benchmarks.harness.workloads import WORKLOADS, describe, make_workload
+from kvarn_sglang.eval.provenance import versions
 
 PLOTTED = ("decode_batch", "slots_held", "cached_sink_slots", "tokens_used")
 DEFAULT_POOLS = (

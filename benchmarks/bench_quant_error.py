@@ -14,10 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks.common import ROOT
-from kvarn_sglang.baselines import DEFAULT_METHODS
-from kvarn_sglang.cli import main as cli_main
-from kvarn_sglang.provenance import git_commit
+from benchmarks.harness.common import ROOT
+from kvarn_sglang.eval.cli import main as cli_main
+from kvarn_sglang.eval.provenance import git_commit
+from kvarn_sglang.quant.baselines import DEFAULT_METHODS
 
 
 def main() -> int:

@@ -1,12 +1,12 @@
 """Can any request take a KVarN server down, and does anything leak? A seeded fuzz run.
 
 Starts stock ``python -m sglang.launch_server --kv-cache kvarn`` on this machine's CPU
-(``benchmarks.server_process``) with the tiny checkpoint of ``benchmarks.fuzz_model`` (one
-token makes layer 0's K non-finite) and a small pool (``FUZZ_ARGS``: 64-token pages, 1,536
-tokens of KV, 4 running requests, 10 fp16 slots, 256-token prefill chunks, a 1,024-token
-context), so pages, slots and running requests all run short. Then sends ``--requests`` seeded
-requests (``benchmarks.server_fuzz``) from ``--concurrency`` threads and, with the server
-idle, flushes its cache and reads the KVarN pool back.
+(``benchmarks.harness.server_process``) with the tiny checkpoint of
+``benchmarks.harness.fuzz_model`` (one token makes layer 0's K non-finite) and a small pool
+(``FUZZ_ARGS``: 64-token pages, 1,536 tokens of KV, 4 running requests, 10 fp16 slots, 256-token
+prefill chunks, a 1,024-token context), so pages, slots and running requests all run short. Then
+sends ``--requests`` seeded requests (``benchmarks.harness.server_fuzz``) from ``--concurrency``
+threads and, with the server idle, flushes its cache and reads the KVarN pool back.
 
 Prints a markdown table and writes JSON (``--output``): requests, results and errors by kind,
 client aborts, leaked pages and slots (must be 0), whether the server stayed up, and every
@@ -23,52 +23,12 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.common import result_header
-from benchmarks.fuzz_model import write_fuzz_model
-from benchmarks.server_fuzz import check, make_jobs, pool_leaks, run_jobs, summarize, wait_idle
-from benchmarks.server_process import ServerProcess
-
-CONTEXT = 1024
-FUZZ_ARGS = [
-    "--kv-cache", "kvarn", "--page-size", "64", "--kvarn-preset", "k4v2_g64",
-    "--max-running-requests", "4", "--kvarn-slots", "10", "--max-total-tokens", "1536",
-    "--chunked-prefill-size", "256", "--context-length", str(CONTEXT),
-    "--schedule-conservativeness", "0.3",
-    "--sleep-on-idle", "--skip-server-warmup", "--random-seed", "0",
-]  # fmt: skip
-# Log lines counted in the result: SGLang's idle leak check and a dead scheduler must stay at
-# 0; retractions show that memory ran short.
-LOG_SIGNS = {
-    "leak_reports": "memory leak detected",
-    "scheduler_exceptions": "Scheduler hit an exception",
-    "retractions": "KV cache pool is full. Retract requests.",
-    "kvarn_aborts": "wrote non-finite K/V",
-}
-
-
-def fuzz(server: ServerProcess, seed: int, requests: int, concurrency: int) -> dict:
-    """One fuzz run against a started ``server``; the result dict of the JSON."""
-    jobs = make_jobs(seed, requests, CONTEXT)
-    started = time.monotonic()
-    outcomes = run_jobs(server.url, jobs, concurrency)
-    seconds = time.monotonic() - started
-    alive = server.alive() if server.process is not None else True
-    wait_idle(server)
-    state = server.internal_state()["kvarn"]
-    log = server.log_text() if server.process is not None else ""
-    return {
-        "seed": seed,
-        "concurrency": concurrency,
-        "seconds": round(seconds, 1),
-        "server_alive": alive,
-        **summarize(outcomes),
-        "leaks": pool_leaks(state),
-        "log": {name: log.count(sign) for name, sign in LOG_SIGNS.items()},
-        "problems": check(outcomes),
-    }
+from benchmarks.harness.common import result_header
+from benchmarks.harness.fuzz_model import write_fuzz_model
+from benchmarks.harness.server_fuzz import FUZZ_ARGS, fuzz
+from benchmarks.harness.server_process import ServerProcess
 
 
 def _table(result: dict) -> str:

@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from benchmarks.common import ROOT, result_header, write_result
+from benchmarks.harness.common import ROOT, result_header, write_result
 
 sys.path.insert(0, str(ROOT / "tests"))  # the harness lives with the tests it extends
 

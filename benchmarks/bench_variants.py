@@ -2,7 +2,7 @@
 
 Runs the ``kvarn-sglang eval`` machinery (decode-consistent quantized attention, one teacher-
 forced forward per method, errors propagating through layers and time) on SmolLM2-135M for
-KVarN variants that keep the stored format (see ``kvarn_sglang.variants``) against the KVarN
+KVarN variants that keep the stored format (see ``kvarn_sglang.quant.variants``) against the KVarN
 presets. Protocol: variants are chosen on WikiText-2 (``--variants``) and confirmed on the C4
 sample (``--confirm``); a variant counts only if it wins on both at equal or fewer bits per
 element with a commit cost within 2x of plain KVarN (``commit_x``: CPU reference time of
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import result_header, write_result
-from kvarn_sglang.variants import LayerwiseMethod
+from benchmarks.harness.common import result_header, write_result
+from kvarn_sglang.quant.variants import LayerwiseMethod
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = {"wikitext2": "wikitext2-test.raw", "c4": "c4-validation-2k.parquet"}
@@ -94,7 +94,7 @@ def commit_cost(methods, head_dim: int, pages: int = 16, heads: int = 3, reps: i
 
 def bits_at(name: str, head_dim: int) -> float | None:
     """Bits per element of the record of ``name`` at ``head_dim`` (None if not a preset)."""
-    from kvarn_sglang.config import PRESETS, get_preset
+    from kvarn_sglang.format.config import PRESETS, get_preset
 
     if name.startswith("layers:"):
         presets = name[len("layers:") :].split("/")
@@ -172,7 +172,7 @@ def merge(paths: list[str]) -> dict:
     """One result from several runs of this benchmark: the rows of every text (runs of the
     same text must share its tokens; the commands and commits of every part are kept under
     ``parts``) and commit costs of every method, measured again."""
-    from kvarn_sglang.variants import parse_variant
+    from kvarn_sglang.quant.variants import parse_variant
 
     out: dict = {"texts": {}, "parts": []}
     for path in paths:
@@ -216,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.show:
         print(show(json.loads(Path(args.show).read_text())))
         return 0
-    from kvarn_sglang.eval_run import EvalSettings, run_eval
-    from kvarn_sglang.models import load_model
-    from kvarn_sglang.variants import parse_variant
+    from kvarn_sglang.eval.models import load_model
+    from kvarn_sglang.eval.run import EvalSettings, run_eval
+    from kvarn_sglang.quant.variants import parse_variant
 
     if args.threads:
         torch.set_num_threads(args.threads)

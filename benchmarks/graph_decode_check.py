@@ -19,11 +19,12 @@ import sys
 
 import torch
 
-from benchmarks.common import result_header, time_fn, write_result
-from kvarn_sglang.config import KVarNConfig, get_preset
+from benchmarks.harness.common import result_header, time_fn, write_result
+from kvarn_sglang.format.config import KVarNConfig, get_preset
+from kvarn_sglang.format.numerics import PagedKVCache
 from kvarn_sglang.kernels.decode import decode_attention
-from kvarn_sglang.page_store import PageStore
-from kvarn_sglang.reference import PagedKVCache, quantize_pages, ref_decode_attention
+from kvarn_sglang.quant.reference import quantize_pages, ref_decode_attention
+from kvarn_sglang.serving.page_store import PageStore
 
 
 def build(cfg: KVarNConfig, lens: list[int], hq: int, hkv: int, device: str, seed: int = 0):

@@ -1,6 +1,6 @@
 """Packed codes to floats without int-to-float: the byte -> planes step of the kernels.
 
-The records keep codes in the planar order (``kvarn_sglang.layout``): a byte holds the codes
+The records keep codes in the planar order (``kvarn_sglang.format.layout``): a byte holds the codes
 of channels j, j + D/per, ... (per = 8/bits) at bit s = 0, bits, ... A code is masked in place
 and OR-ed into the bits of a float whose ulp is 1 at bit s (``_plane``), which gives exactly
 ``MAGIC + code`` in the dot's dtype (fp16: MAGIC = 2^(10-s); bf16, 7 mantissa bits: a code

@@ -9,10 +9,10 @@ scratch tile (allocated once per device: a fixed address for CUDA graphs), then 
 ``quantize_tile._quantize_tile``. Inputs are addressed with their own strides ``[num_pages,
 G, H, D]``; records are ``uint8 [num_records, H, page_bytes]`` rows, written at
 ``out_index[page]`` (the pool's page id), codes in the planar order of
-``kvarn_sglang.layout``. Metadata is written through an fp16 view of the same buffer (every
+``kvarn_sglang.format.layout``. Metadata is written through an fp16 view of the same buffer (every
 field offset is a multiple of 16 bytes).
 
-Reference: ``kvarn_sglang.reference.ref_commit_pages``.
+Reference: ``kvarn_sglang.quant.reference.ref_commit_pages``.
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvarn_sglang.config import KVarNConfig
-from kvarn_sglang.kernels.quantize_tile import _quantize_tile, fresh
-from kvarn_sglang.kernels.validate import compiled, hadamard_signs
-from kvarn_sglang.reference import (
+from kvarn_sglang.format.config import KVarNConfig
+from kvarn_sglang.format.numerics import (
     LOG_MAX,
     LOG_MIN,
     SCALE_MIN,
@@ -35,6 +33,8 @@ from kvarn_sglang.reference import (
     STD_MIN,
     check_pages,
 )
+from kvarn_sglang.kernels.quantize_tile import _quantize_tile, fresh
+from kvarn_sglang.kernels.validate import compiled, hadamard_signs
 
 
 @triton.jit
@@ -152,7 +152,7 @@ def commit_pages(
     if config.clip_quantile > 0:
         raise ValueError(
             f"Unsupported clip_quantile {config.clip_quantile}: the commit kernel implements "
-            f"min/max RTN only (use kvarn_sglang.reference.quantize_pages)"
+            f"min/max RTN only (use kvarn_sglang.quant.reference.quantize_pages)"
         )
     g, d = config.page_size, config.head_dim
     for name, x in (("k", k), ("v", v)):

@@ -20,7 +20,7 @@ log-sum-exp and rotates the packed part back on tensor cores: ``out = (acc_rot @
 acc_plain) / l``. The grid depends only on shapes (``max_splits``), never on sequence
 lengths, so the launch needs no host synchronisation and can be captured in a CUDA graph.
 
-Reference: ``kvarn_sglang.reference.ref_decode_attention``.
+Reference: ``kvarn_sglang.quant.reference.ref_decode_attention``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvarn_sglang.config import KVarNConfig
+from kvarn_sglang.format.config import KVarNConfig
+from kvarn_sglang.format.numerics import PagedKVCache, hadamard_matrix
 from kvarn_sglang.kernels.codes import round_to
 from kvarn_sglang.kernels.page_tiles import (
     fp16_page_step,
@@ -46,7 +47,6 @@ from kvarn_sglang.kernels.validate import (
     dot_dtypes,
     hadamard_signs,
 )
-from kvarn_sglang.reference import PagedKVCache, hadamard_matrix
 
 LOG2E = 1.4426950408889634
 # Split-stage launch: 2 warps, 2 pipeline stages (registers: <= 197 at head_dim 256, no spills,

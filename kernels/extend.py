@@ -17,7 +17,7 @@ domain and is rotated back on tensor cores at the end, ``out = (acc_rot @ H + ac
 Block metadata is built on the host from the extend lengths (one host sync, as SGLang's own
 extend does).
 
-Reference: ``kvarn_sglang.reference.ref_extend_attention``.
+Reference: ``kvarn_sglang.quant.reference.ref_extend_attention``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvarn_sglang.config import KVarNConfig
+from kvarn_sglang.format.config import KVarNConfig
+from kvarn_sglang.format.numerics import PagedKVCache, hadamard_matrix
 from kvarn_sglang.kernels.codes import round_to
 from kvarn_sglang.kernels.decode import FP16_BLOCK, LOG2E
 from kvarn_sglang.kernels.page_tiles import (
@@ -45,7 +46,6 @@ from kvarn_sglang.kernels.validate import (
     dot_dtypes,
     hadamard_signs,
 )
-from kvarn_sglang.reference import PagedKVCache, hadamard_matrix
 
 
 @triton.jit

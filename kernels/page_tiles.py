@@ -22,8 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kvarn_sglang.format.layout import PageLayout
 from kvarn_sglang.kernels.codes import load_quarters, quarter_magic, round_to
-from kvarn_sglang.layout import PageLayout
 
 
 @triton.jit

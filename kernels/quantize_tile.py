@@ -113,7 +113,7 @@ def _round_rows(
     if REFIT > 0:
         # Least-squares refits of each row's scale/zero given its codes, weighted by the
         # squared column norms, then re-rounding; a row keeps a refit only if it lowers the
-        # error and clips nothing (reference: kvarn_sglang.rtn.refit_rows, cover=True).
+        # error and clips nothing (reference: kvarn_sglang.quant.rtn.refit_rows, cover=True).
         w = col_norm * col_norm  # [1, C]
         sw = tl.sum(w, axis=1, keep_dims=True)
         row_min = lo

@@ -10,8 +10,8 @@ import torch
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from kvarn_sglang.config import KVarNConfig
-from kvarn_sglang.reference import PagedKVCache, hadamard_matrix
+from kvarn_sglang.format.config import KVarNConfig
+from kvarn_sglang.format.numerics import PagedKVCache, hadamard_matrix
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 

@@ -5,7 +5,7 @@ registration rather than a hook; the CLI choice is added with
 
 from __future__ import annotations
 
-from kvarn_sglang.settings import KV_CACHE_CHOICE
+from kvarn_sglang.serving.settings import KV_CACHE_CHOICE
 
 
 def register_backend() -> None:
@@ -21,7 +21,7 @@ def register_backend() -> None:
     if KV_CACHE_CHOICE not in ATTENTION_BACKENDS:
 
         def create_kvarn_backend(model_runner):
-            from kvarn_sglang.backend import KVarNAttnBackend
+            from kvarn_sglang.serving.backend import KVarNAttnBackend
 
             return KVarNAttnBackend(model_runner)
 

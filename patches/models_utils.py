@@ -4,7 +4,7 @@ it is always off so every K/V goes through ``set_kv_buffer``."""
 
 from __future__ import annotations
 
-from kvarn_sglang.settings import active_settings
+from kvarn_sglang.serving.settings import active_settings
 
 ENABLE_FUSED_SET_KV_BUFFER = "sglang.srt.models.utils.enable_fused_set_kv_buffer"
 

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from kvarn_sglang.settings import active_settings
+from kvarn_sglang.serving.settings import active_settings
 
 GET_KV_POOL_CLS = "sglang.srt.platforms.interface.SRTPlatform.get_kv_pool_cls"
 GET_PAGED_ALLOCATOR_CLS = "sglang.srt.platforms.interface.SRTPlatform.get_paged_allocator_cls"
@@ -19,7 +19,7 @@ def after_get_kv_pool_cls(result, self, *args, **kwargs):
         # SGLang resolves the class of every pool kind before it picks one; MLA/DSA models
         # were already refused at startup (``server_args.refuse_model``).
         return result
-    from kvarn_sglang.pool import KVarNTokenToKVPool
+    from kvarn_sglang.serving.pool import KVarNTokenToKVPool
 
     return KVarNTokenToKVPool
 
@@ -27,6 +27,6 @@ def after_get_kv_pool_cls(result, self, *args, **kwargs):
 def after_get_paged_allocator_cls(result, self, *args, **kwargs):
     if active_settings() is None:
         return result
-    from kvarn_sglang.pool import KVarNPagedAllocator
+    from kvarn_sglang.serving.allocator import KVarNPagedAllocator
 
     return KVarNPagedAllocator

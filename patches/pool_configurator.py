@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from kvarn_sglang.capacity import kvarn_cell_bytes, slot_pool_bytes
-from kvarn_sglang.settings import KV_CACHE_CHOICE, active_settings
+from kvarn_sglang.serving.capacity import kvarn_cell_bytes, slot_pool_bytes
+from kvarn_sglang.serving.settings import KV_CACHE_CHOICE, active_settings
 
 COMPUTE_CELL_SIZE = (
     "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size"

@@ -3,14 +3,14 @@ slot-aware admission.
 
 SGLang's ``PrefillAdder`` admits a waiting request when its pages fit; it does not know that
 KVarN also needs fp16 page slots (a sink page not already held, and the page the request is
-filling). With ``--kv-cache kvarn`` the paired allocator (``KVarNPagedAllocator``) answers
-what the requests holding KV have committed (``slot_budget``, once per scheduling pass) and
-what a candidate adds (``request_sinks``); this hook admits the candidate only if both fit in
-the pool's slots (``kvarn_sglang.slot_budget``), and otherwise answers ``NO_TOKEN``, SGLang's
-own "not enough memory, wait" verdict: the request stays queued and admission stops for this
-pass, as when pages are short. Decode reserves its slots through the same sum (one filling
-page per request), and ``check_decode_capacity`` frees cached sinks when it must. With any
-other allocator the hook calls SGLang's method unchanged.
+filling). With ``--kv-cache kvarn`` the paired allocator (``KVarNPagedAllocator``) answers what
+the requests holding KV have committed (``slot_budget``, once per scheduling pass) and what a
+candidate adds (``request_sinks``); this hook admits the candidate only if both fit in the
+pool's slots (``kvarn_sglang.serving.slot_budget``), and otherwise answers ``NO_TOKEN``,
+SGLang's own "not enough memory, wait" verdict: the request stays queued and admission stops for
+this pass, as when pages are short. Decode reserves its slots through the same sum (one filling
+page per request), and ``check_decode_capacity`` frees cached sinks when it must. With any other
+allocator the hook calls SGLang's method unchanged.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Hook on ``sglang.srt.managers.scheduler.Scheduler.run_batch`` (sglang==0.5.23): after
 every forward pass, finish the requests whose K/V turned non-finite in it with an error,
-and let the rest of the batch go on (``kvarn_sglang.request_guard`` draws the whole path).
+and let the rest of the batch go on (``kvarn_sglang.serving.request_guard`` draws the whole path).
 
 It marks the flagged requests the way SGLang's ``run_batch`` marks requests whose external
 KV load failed (``UnifiedRadixCache.finish_external_linker_loads``), so SGLang's own result
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from http import HTTPStatus
 
-from kvarn_sglang.request_guard import flagged_rows, keep_uncommitted_slots
+from kvarn_sglang.serving.request_guard import flagged_rows, keep_uncommitted_slots
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ Every refusal is a ``ValueError`` whose message names the flag to change.
 
 from __future__ import annotations
 
-from kvarn_sglang.capacity import min_num_slots
-from kvarn_sglang.config import DEFAULT_PRESET, PRESETS, SUPPORTED_HEAD_DIMS
-from kvarn_sglang.settings import (
+from kvarn_sglang.format.config import DEFAULT_PRESET, PRESETS, SUPPORTED_HEAD_DIMS
+from kvarn_sglang.serving.capacity import min_num_slots
+from kvarn_sglang.serving.settings import (
     DEFAULT_MAX_RUNNING_REQUESTS,
     KV_CACHE_CHOICE,
     KVarNSettings,
@@ -174,7 +174,7 @@ def after_from_cli_args(result, cls, args):
 def configure_kvarn(server_args) -> None:
     """Refuse what KVarN does not support and select its configuration on a raw
     ``ServerArgs`` whose ``kv_cache_dtype`` is ``kvarn`` (before resolution)."""
-    from kvarn_sglang.plugin import require_hooks
+    from kvarn_sglang.serving.plugin import require_hooks
 
     require_hooks()
     if server_args.max_running_requests is None:
@@ -241,7 +241,7 @@ _SOFTCAP_BY_DEFAULT = {"Grok1ForCausalLM": 30.0, "Grok1ModelForCausalLM": 30.0}
 def refuse_attention_variants(hf_config, hf_text_config, serve: str) -> None:
     """Raise ``ValueError`` for attention that the config declares and KVarN does not
     implement: logit soft-capping, KV shared across layers, non-causal attention. The
-    scheduler checks the layers it built as well (``kvarn_sglang.model_check``)."""
+    scheduler checks the layers it built as well (``kvarn_sglang.serving.model_check``)."""
     arch = (getattr(hf_config, "architectures", None) or [None])[0]
     cap = getattr(hf_text_config, "attn_logit_softcapping", None)
     cap = _SOFTCAP_BY_DEFAULT.get(arch, 0.0) if cap is None else cap

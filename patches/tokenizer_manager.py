@@ -14,7 +14,7 @@ Multimodal requests are left alone (their ids carry placeholder values).
 
 from __future__ import annotations
 
-from kvarn_sglang.settings import settings_of
+from kvarn_sglang.serving.settings import settings_of
 
 VALIDATE_ONE_REQUEST = (
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"

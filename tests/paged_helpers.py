@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kvarn_sglang.reference import PagedKVCache, quantize_pages
+from kvarn_sglang.format.numerics import PagedKVCache
+from kvarn_sglang.quant.reference import quantize_pages
 
 
 def sequence(t: int, hq: int, hkv: int, d: int, seed: int):

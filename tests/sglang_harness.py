@@ -31,10 +31,11 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 from sglang.srt.mem_cache.unified_cache.components import ComponentType
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
-from kvarn_sglang.backend import KVarNAttnBackend
-from kvarn_sglang.config import KVarNConfig
-from kvarn_sglang.pool import KVarNPagedAllocator, KVarNTokenToKVPool
-from kvarn_sglang.reference import ref_decode_consistent_attention
+from kvarn_sglang.format.config import KVarNConfig
+from kvarn_sglang.quant.reference import ref_decode_consistent_attention
+from kvarn_sglang.serving.allocator import KVarNPagedAllocator
+from kvarn_sglang.serving.backend import KVarNAttnBackend
+from kvarn_sglang.serving.pool import KVarNTokenToKVPool
 
 
 class _Mode:

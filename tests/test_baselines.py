@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import kv_like
 
-from kvarn_sglang.baselines import DEFAULT_METHODS, FP8_MAX, get_method
-from kvarn_sglang.config import get_preset
-from kvarn_sglang.reference import quantize_pages
+from kvarn_sglang.format.config import get_preset
+from kvarn_sglang.quant.baselines import DEFAULT_METHODS, FP8_MAX, get_method
+from kvarn_sglang.quant.reference import quantize_pages
 
 # Bytes per token per head at head_dim 128, G 128 (K + V, metadata included).
 EXPECTED_BYTES_PER_TOKEN = {

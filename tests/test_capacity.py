@@ -2,14 +2,14 @@ from __future__ import annotations
 
 import torch
 
-from kvarn_sglang.capacity import (
+from kvarn_sglang.format.config import get_preset
+from kvarn_sglang.serving.capacity import (
     default_num_slots,
     kvarn_cell_bytes,
     slot_pool_bytes,
     token_capacity,
 )
-from kvarn_sglang.config import get_preset
-from kvarn_sglang.pool import KVarNTokenToKVPool
+from kvarn_sglang.serving.pool import KVarNTokenToKVPool
 
 # Llama-3-8B shape: 32 layers, 8 KV heads, head_dim 128, fp16 cache.
 FP16_CELL = 32 * 8 * 2 * 128 * 2

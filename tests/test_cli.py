@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from kvarn_sglang.cli import main
-from kvarn_sglang.models import load_model
+from kvarn_sglang.eval.cli import main
+from kvarn_sglang.eval.models import load_model
 
 
 def test_presets_lists_every_preset_and_the_default_layout(capsys):

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from kvarn_sglang.config import DEFAULT_PRESET, PRESETS, KVarNConfig, get_preset
+from kvarn_sglang.format.config import DEFAULT_PRESET, PRESETS, KVarNConfig, get_preset
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ def test_package_layout_installs_kernels_and_patches_under_kvarn_sglang():
 
 
 def test_provenance_records_versions_and_commit(tmp_path):
-    from kvarn_sglang.provenance import git_commit, versions
+    from kvarn_sglang.eval.provenance import git_commit, versions
 
     found = versions("torch", "no-such-package-kvarn")
     assert set(found) == {"python", "torch"}

@@ -1,4 +1,4 @@
-"""The quantized attention path inside a transformers model (``kvarn_sglang.eval_attention``)."""
+"""The quantized attention path inside a transformers model (``kvarn_sglang.eval.attention``)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import pytest
 import torch
 from tiny_llama import HEAD_DIM, one_thread, tiny_llama
 
-from kvarn_sglang import eval_attention
-from kvarn_sglang.baselines import get_method
-from kvarn_sglang.eval_attention import (
+from kvarn_sglang.eval import attention as eval_attention
+from kvarn_sglang.eval.attention import (
     PassThroughMethod,
     paged_attention,
     paged_attention_mode,
     paged_logits,
 )
-from kvarn_sglang.reference import decode_consistent_attention
+from kvarn_sglang.quant.baselines import get_method
+from kvarn_sglang.quant.reference import decode_consistent_attention
 
 G = 64  # page size of the tiny-model tests
 _ = one_thread  # autouse fixture: tiny ops on 2 shared cores run fastest single-threaded

@@ -1,4 +1,4 @@
-"""The incremental quantized cache and greedy generation (``kvarn_sglang.eval_cache``)."""
+"""The incremental quantized cache and greedy generation (``kvarn_sglang.eval.cache``)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 from tiny_llama import HEAD_DIM, one_thread, tiny_llama
 
-from kvarn_sglang.baselines import get_method
-from kvarn_sglang.eval_attention import PassThroughMethod, paged_attention_mode, paged_logits
-from kvarn_sglang.eval_cache import PagedQuantizedCache, PagedQuantizedLayer, greedy_generate
-from kvarn_sglang.eval_metrics import first_divergence
-from kvarn_sglang.quant_error import dequantized_read
-from kvarn_sglang.reference import decode_consistent_attention
+from kvarn_sglang.eval.attention import PassThroughMethod, paged_attention_mode, paged_logits
+from kvarn_sglang.eval.cache import PagedQuantizedCache, PagedQuantizedLayer, greedy_generate
+from kvarn_sglang.eval.metrics import first_divergence
+from kvarn_sglang.eval.quant_error import dequantized_read
+from kvarn_sglang.quant.baselines import get_method
+from kvarn_sglang.quant.reference import decode_consistent_attention
 
 G = 64
 T = 3 * G + 9

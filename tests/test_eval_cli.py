@@ -8,8 +8,8 @@ import pytest
 import torch
 from tiny_llama import byte_tokenizer, one_thread, save_tiny_model, tiny_llama
 
-from kvarn_sglang.cli import main
-from kvarn_sglang.eval_run import EvalSettings, run_eval
+from kvarn_sglang.eval.cli import main
+from kvarn_sglang.eval.run import EvalSettings, run_eval
 
 _ = one_thread  # autouse fixture: tiny ops on 2 shared cores run fastest single-threaded
 TEXT = (

@@ -1,4 +1,4 @@
-"""Accuracy metrics of ``kvarn-sglang eval`` (``kvarn_sglang.eval_metrics``)."""
+"""Accuracy metrics of ``kvarn-sglang eval`` (``kvarn_sglang.eval.metrics``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvarn_sglang import eval_metrics
-from kvarn_sglang.eval_metrics import (
+from kvarn_sglang.eval import metrics as eval_metrics
+from kvarn_sglang.eval.metrics import (
     ErrorCurve,
     bucket_mae,
     first_divergence,

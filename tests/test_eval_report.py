@@ -1,4 +1,4 @@
-"""Tables, JSON and plot of ``kvarn-sglang eval`` (``kvarn_sglang.eval_report``)."""
+"""Tables, JSON and plot of ``kvarn-sglang eval`` (``kvarn_sglang.eval.report``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kvarn_sglang.eval_report import (
+from kvarn_sglang.eval.report import (
     curve_summary,
     format_curve_table,
     format_table,
@@ -14,7 +14,7 @@ from kvarn_sglang.eval_report import (
     result_from_json,
     result_to_json,
 )
-from kvarn_sglang.eval_run import EvalResult, MethodResult
+from kvarn_sglang.eval.run import EvalResult, MethodResult
 
 
 def _row(name, accumulated, static, divergence=(5, 7)):

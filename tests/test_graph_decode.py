@@ -12,7 +12,7 @@ import pytest
 import torch
 from sglang_harness import SimServer
 
-from kvarn_sglang.config import KVarNConfig
+from kvarn_sglang.format.config import KVarNConfig
 
 G = 64
 CFG = KVarNConfig(k_bits=4, v_bits=2, page_size=G, head_dim=64, sink_pages=1)
@@ -64,7 +64,7 @@ def test_graph_decode_commits_each_page_once_and_returns_every_slot():
 def test_a_scheduled_release_survives_the_static_buffer_being_refilled():
     """Graph decode schedules releases from a view of its static commit list and refills
     that list for the next replay; the release must still free the pages it was given."""
-    from kvarn_sglang.page_store import PageStore
+    from kvarn_sglang.serving.page_store import PageStore
 
     store = PageStore(CFG, num_pages=8, num_slots=4, layer_num=1, head_num=1,
                       dtype=torch.float16, device="cpu")  # fmt: skip

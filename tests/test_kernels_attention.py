@@ -6,10 +6,11 @@ import pytest
 import torch
 from paged_helpers import build_cache, device, fp16, sequence
 
-from kvarn_sglang.config import KVarNConfig
+from kvarn_sglang.format.config import KVarNConfig
+from kvarn_sglang.format.numerics import PagedKVCache
 from kvarn_sglang.kernels.decode import decode_attention
 from kvarn_sglang.kernels.extend import extend_attention
-from kvarn_sglang.reference import PagedKVCache, ref_decode_attention, ref_extend_attention
+from kvarn_sglang.quant.reference import ref_decode_attention, ref_extend_attention
 
 G = 64
 LENGTHS = [1, G - 1, G, G + 1, 2 * G + 3]

@@ -18,12 +18,13 @@ import triton
 import triton.language as tl
 from paged_helpers import build_cache, device
 
-from kvarn_sglang.config import KVarNConfig
+from kvarn_sglang.format.config import KVarNConfig
+from kvarn_sglang.format.layout import pack_planar, unpack_planar
+from kvarn_sglang.format.numerics import PagedKVCache
 from kvarn_sglang.kernels.codes import _asm_plane, load_quarters, quarter_magic
 from kvarn_sglang.kernels.decode import decode_attention
 from kvarn_sglang.kernels.validate import compiled, dot_dtypes
-from kvarn_sglang.layout import pack_planar, unpack_planar
-from kvarn_sglang.reference import PagedKVCache, ref_decode_attention, rotate
+from kvarn_sglang.quant.reference import ref_decode_attention, rotate
 
 TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 

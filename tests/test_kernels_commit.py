@@ -7,10 +7,10 @@ import torch
 from conftest import kv_like
 from paged_helpers import device
 
-from kvarn_sglang.config import KVarNConfig
+from kvarn_sglang.format.config import KVarNConfig
+from kvarn_sglang.format.layout import decode_tiles
 from kvarn_sglang.kernels.commit import commit_pages
-from kvarn_sglang.layout import decode_tiles
-from kvarn_sglang.reference import dequantize_pages, ref_commit_pages
+from kvarn_sglang.quant.reference import dequantize_pages, ref_commit_pages
 
 # Codes may differ from the reference only where the reference sits on a rounding tie that
 # a last-bit fp32 difference flips (the kernel computes some quotients as products; measured:

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvarn_sglang.config import KVarNConfig
-from kvarn_sglang.layout import (
+from kvarn_sglang.format.config import KVarNConfig
+from kvarn_sglang.format.layout import (
     PageLayout,
     TileCodes,
     decode_tiles,

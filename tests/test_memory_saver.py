@@ -17,8 +17,8 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang_harness import SimServer
 
-from kvarn_sglang.config import KVarNConfig
-from kvarn_sglang.pool import KVarNTokenToKVPool
+from kvarn_sglang.format.config import KVarNConfig
+from kvarn_sglang.serving.pool import KVarNTokenToKVPool
 
 G = 64
 CFG = KVarNConfig(k_bits=4, v_bits=2, page_size=G, head_dim=64, sink_pages=1)

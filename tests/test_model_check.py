@@ -1,5 +1,5 @@
 """The scheduler-side startup check of the attention layers SGLang built
-(``kvarn_sglang.model_check``), on real ``RadixAttention`` modules."""
+(``kvarn_sglang.serving.model_check``), on real ``RadixAttention`` modules."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
 
-from kvarn_sglang.backend import KVarNAttnBackend
-from kvarn_sglang.config import KVarNConfig
-from kvarn_sglang.model_check import refuse_unsupported_layers
-from kvarn_sglang.pool import KVarNTokenToKVPool
+from kvarn_sglang.format.config import KVarNConfig
+from kvarn_sglang.serving.backend import KVarNAttnBackend
+from kvarn_sglang.serving.model_check import refuse_unsupported_layers
+from kvarn_sglang.serving.pool import KVarNTokenToKVPool
 
 
 def _attn(layer_id: int, **kw) -> RadixAttention:

@@ -21,7 +21,7 @@ import pytest
 import torch
 from tiny_llama import byte_tokenizer, tiny_llama
 
-from benchmarks.server_process import cpu_engine_env
+from benchmarks.harness.server_process import cpu_engine_env
 
 SCRIPT = Path(__file__).parent / "cpu_engine" / "model_runner_decode.py"
 pytestmark = pytest.mark.server

@@ -7,12 +7,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvarn_sglang.capacity import default_num_slots, slot_pool_bytes
-from kvarn_sglang.config import get_preset
+from kvarn_sglang.format.config import get_preset
 from kvarn_sglang.patches import kv_cache_dtype, models_utils, platform, pool_configurator
 from kvarn_sglang.patches.server_args import refuse_model
-from kvarn_sglang.pool import KVarNPagedAllocator, KVarNTokenToKVPool
-from kvarn_sglang.settings import KVarNSettings
+from kvarn_sglang.serving.allocator import KVarNPagedAllocator
+from kvarn_sglang.serving.capacity import default_num_slots, slot_pool_bytes
+from kvarn_sglang.serving.pool import KVarNTokenToKVPool
+from kvarn_sglang.serving.settings import KVarNSettings
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_entry_point_is_declared():
     import importlib.metadata
 
     eps = importlib.metadata.entry_points(group="sglang.srt.plugins")
-    assert any(ep.value == "kvarn_sglang.plugin:register" for ep in eps)
+    assert any(ep.value == "kvarn_sglang.serving.plugin:register" for ep in eps)
 
 
 def test_kv_cache_kvarn_selects_the_kvarn_configuration(prepare):
@@ -87,7 +88,7 @@ def test_engine_keyword_arguments_get_the_cli_settings_and_refusals(prepare, tmp
     sa.resolve_once()
     assert sa.attention_backend == "kvarn" and sa.disable_overlap_schedule
     assert sa.max_running_requests == 128 and sa.cuda_graph_backend_decode == "disabled"
-    from kvarn_sglang.settings import settings_of
+    from kvarn_sglang.serving.settings import settings_of
 
     assert settings_of(sa).preset == "k4v2_g128"
     refused = ServerArgs(model_path=model, device="cpu", kv_cache_dtype="kvarn", page_size=16)
@@ -104,7 +105,7 @@ def test_a_hook_sglang_did_not_apply_refuses_the_start(prepare, monkeypatch):
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     from kvarn_sglang.patches.platform import GET_KV_POOL_CLS
-    from kvarn_sglang.plugin import missing_hooks
+    from kvarn_sglang.serving.plugin import missing_hooks
 
     assert missing_hooks() == []
     monkeypatch.setattr(HookRegistry, "_patched", HookRegistry._patched - {GET_KV_POOL_CLS})
@@ -142,7 +143,7 @@ def test_kvarn_flags_are_real(prepare):
 def test_plus_presets_are_kvarn_preset_choices(prepare):
     sa = prepare("--kv-cache", "kvarn", "--page-size", "128", "--kvarn-preset", "k2v2_g128_plus")
     assert sa._kvarn_preset == "k2v2_g128_plus"
-    from kvarn_sglang.settings import settings_of
+    from kvarn_sglang.serving.settings import settings_of
 
     assert settings_of(sa).config(128).refit_iters == 4
 
@@ -364,7 +365,7 @@ def test_hooks_are_inert_without_kvarn(monkeypatch):
 
 
 def test_pool_takes_its_config_and_slots_from_the_server_flags(kvarn_active, monkeypatch):
-    from kvarn_sglang import pool as pool_module
+    from kvarn_sglang.serving import pool as pool_module
 
     monkeypatch.setattr(pool_module, "active_settings", lambda: kvarn_active)
     pool = KVarNTokenToKVPool(128 * 2, 128, torch.float16, 1, 128, 1, "cpu", False)

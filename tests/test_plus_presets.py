@@ -9,10 +9,10 @@ import torch
 from conftest import kv_like
 from paged_helpers import device
 
-from kvarn_sglang.config import PRESETS, KVarNConfig, get_preset
+from kvarn_sglang.format.config import PRESETS, KVarNConfig, get_preset
+from kvarn_sglang.format.layout import decode_tiles
 from kvarn_sglang.kernels.commit import commit_pages
-from kvarn_sglang.layout import decode_tiles
-from kvarn_sglang.reference import (
+from kvarn_sglang.quant.reference import (
     dequantize_pages,
     quantize_pages,
     ref_commit_pages,

@@ -10,7 +10,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.radix_cache import RadixCache
 from sglang_harness import SimServer
 
-from kvarn_sglang.config import KVarNConfig
+from kvarn_sglang.format.config import KVarNConfig
 
 G = 64
 CFG = KVarNConfig(k_bits=4, v_bits=2, page_size=G, head_dim=64, sink_pages=1)

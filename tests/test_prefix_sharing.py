@@ -9,10 +9,10 @@ import tempfile
 import pytest
 
 from benchmarks import bench_prefix_sharing
-from benchmarks.pools import ModelShape, make_pool
-from benchmarks.sched_context import scheduler_context, write_llama_config
-from benchmarks.sglang_sched import SchedServer, check_no_leak
-from benchmarks.workloads import describe, make_workload
+from benchmarks.harness.pools import ModelShape, make_pool
+from benchmarks.harness.sched_context import scheduler_context, write_llama_config
+from benchmarks.harness.sglang_sched import SchedServer, check_no_leak
+from benchmarks.harness.workloads import describe, make_workload
 
 SHAPE = ModelShape(layers=4, kv_heads=8, head_dim=128)  # 16 KiB per fp16 token
 BUDGET = int(0.5e9)

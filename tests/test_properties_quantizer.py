@@ -25,16 +25,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvarn_sglang.config import PRESETS, get_preset
-from kvarn_sglang.layout import TileCodes, decode_tiles, encode_tiles, pack_codes, unpack_codes
-from kvarn_sglang.page_store import PageStore
-from kvarn_sglang.reference import (
+from kvarn_sglang.format.config import PRESETS, get_preset
+from kvarn_sglang.format.layout import (
+    TileCodes,
+    decode_tiles,
+    encode_tiles,
+    pack_codes,
+    unpack_codes,
+)
+from kvarn_sglang.quant.reference import (
     _tiles,
     dequantize_oriented,
     dequantize_pages,
     quantize_pages,
     rotate,
 )
+from kvarn_sglang.serving.page_store import PageStore
 
 U16, E16, F32_SLACK = 2.0**-11, 2.0**-25, 1e-6
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]

@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvarn_sglang.baselines import get_method
-from kvarn_sglang.kv_capture import LayerQKV
-from kvarn_sglang.quant_error import dequantized_read, format_table, measure_methods
+from kvarn_sglang.eval.kv_capture import LayerQKV
+from kvarn_sglang.eval.quant_error import dequantized_read, format_table, measure_methods
+from kvarn_sglang.quant.baselines import get_method
 
 
 def _layers(t=3 * 64, n=2, d=64):

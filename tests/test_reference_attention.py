@@ -7,8 +7,8 @@ import pytest
 import torch
 from paged_helpers import build_cache, fp16, sequence
 
-from kvarn_sglang.config import get_preset
-from kvarn_sglang.reference import (
+from kvarn_sglang.format.config import get_preset
+from kvarn_sglang.quant.reference import (
     dequantize_pages,
     quantize_pages,
     ref_decode_attention,

@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import TOLERANCE, kv_like
 
-from kvarn_sglang.config import PRESETS, get_preset
-from kvarn_sglang.layout import decode_tiles
-from kvarn_sglang.reference import (
+from kvarn_sglang.format.config import PRESETS, get_preset
+from kvarn_sglang.format.layout import decode_tiles
+from kvarn_sglang.quant.reference import (
     _imbalance,
     _tiles,
     dequantize_oriented,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import kv_like
 
-from kvarn_sglang.config import get_preset
-from kvarn_sglang.reference import dequantize_pages, quantize_pages
+from kvarn_sglang.format.config import get_preset
+from kvarn_sglang.quant.reference import dequantize_pages, quantize_pages
 
 CFG = get_preset("k4v2_g64", head_dim=64)
 

@@ -19,9 +19,9 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang_harness import SimServer
 
-from kvarn_sglang.config import KVarNConfig
-from kvarn_sglang.forward_plan import CLEAN
-from kvarn_sglang.request_guard import flagged_rows, keep_uncommitted_slots
+from kvarn_sglang.format.config import KVarNConfig
+from kvarn_sglang.serving.forward_plan import CLEAN
+from kvarn_sglang.serving.request_guard import flagged_rows, keep_uncommitted_slots
 
 G = 64
 CFG = KVarNConfig(k_bits=4, v_bits=2, page_size=G, head_dim=64, sink_pages=1)

@@ -24,14 +24,14 @@ import time
 import pytest
 import torch
 
-from benchmarks.server_process import (
+from benchmarks.harness.server_process import (
     SMOLLM2_HF,
     ServerProcess,
     cpu_engine_env,
     start_together,
     wait_until_flushed,
 )
-from kvarn_sglang.models import read_text
+from kvarn_sglang.eval.models import read_text
 
 pytestmark = pytest.mark.server
 
@@ -142,9 +142,9 @@ def test_teacher_forced_logprobs_agree_with_kvarn_sglang_eval(servers, tokenizer
     eval's KVarN forward, (2) be closer to it than to the unquantized forward (it quantizes
     the same pages the same way), and (3) give the same mean NLL within the floor.
     """
-    from kvarn_sglang.baselines import get_method
-    from kvarn_sglang.eval_attention import paged_logits
-    from kvarn_sglang.models import load_model
+    from kvarn_sglang.eval.attention import paged_logits
+    from kvarn_sglang.eval.models import load_model
+    from kvarn_sglang.quant.baselines import get_method
 
     kvarn, fp16 = servers
     ids = tokenizer(read_text(None)).input_ids[:640]
@@ -224,8 +224,8 @@ def test_the_main_jobs_agentic_client_runs_against_the_server(kvarn_server):
     """``benchmarks/bench_server.py``'s closed-loop client (the main job's, and the one that
     runs against a GPU server) on a small agentic workload: forks, tool turns, real outputs
     fed back into the next prompt."""
-    from benchmarks.bench_server import capacity, run_workload, summarize
-    from benchmarks.workloads import make_workload
+    from benchmarks.harness.server_workload import capacity, run_workload, summarize
+    from benchmarks.harness.workloads import make_workload
 
     workload = make_workload("agentic", 1, seed=3, vocab=49152, scale=0.04)
     started = time.perf_counter()

@@ -1,7 +1,7 @@
 """No request takes a KVarN server down: the real CPU server against bad requests (~2 min).
 
 One stock ``python -m sglang.launch_server --kv-cache kvarn`` serves the tiny checkpoint of
-``benchmarks.fuzz_model``, in which one token (id 250, byte 0x9C: any text with "Ŝ" has it)
+``benchmarks.harness.fuzz_model``, in which one token (id 250, byte 0x9C: any text with "Ŝ" has it)
 makes layer 0's K non-finite, with the fuzzer's small pool (``FUZZ_ARGS``). The tests:
 
 * requests whose K/V turn non-finite, in the prompt (after a cached prefix, in a middle chunk
@@ -25,10 +25,9 @@ import urllib.error
 
 import pytest
 
-from benchmarks.bench_server_fuzz import FUZZ_ARGS, fuzz
-from benchmarks.fuzz_model import POISON_TOKEN, write_fuzz_model
-from benchmarks.server_fuzz import KVARN_ERROR, error_text, wait_idle
-from benchmarks.server_process import ServerProcess
+from benchmarks.harness.fuzz_model import POISON_TOKEN, write_fuzz_model
+from benchmarks.harness.server_fuzz import FUZZ_ARGS, KVARN_ERROR, error_text, fuzz, wait_idle
+from benchmarks.harness.server_process import ServerProcess
 
 pytestmark = pytest.mark.server
 GREEDY = {"max_new_tokens": 12, "temperature": 0.0}

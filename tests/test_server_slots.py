@@ -19,7 +19,7 @@ import threading
 import pytest
 import torch
 
-from benchmarks.server_process import SMOLLM2_HF, ServerProcess, wait_until_flushed
+from benchmarks.harness.server_process import SMOLLM2_HF, ServerProcess, wait_until_flushed
 
 pytestmark = pytest.mark.server
 

@@ -15,9 +15,10 @@ from array import array
 import pytest
 from sglang_harness import SimServer
 
-from benchmarks.sched_context import scheduler_context
-from kvarn_sglang.config import KVarNConfig
-from kvarn_sglang.slot_budget import SlotBudget, sink_page_range
+from benchmarks.harness.sched_context import scheduler_context
+from kvarn_sglang.format.config import KVarNConfig
+from kvarn_sglang.serving.pages import sink_page_range
+from kvarn_sglang.serving.slot_budget import SlotBudget
 
 G = 64
 CFG = KVarNConfig(k_bits=4, v_bits=2, page_size=G, head_dim=64, sink_pages=1)

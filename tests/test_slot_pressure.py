@@ -15,7 +15,7 @@ from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang_harness import SimServer
 
-from kvarn_sglang.config import KVarNConfig
+from kvarn_sglang.format.config import KVarNConfig
 
 G = 64
 CFG = KVarNConfig(k_bits=4, v_bits=2, page_size=G, head_dim=64, sink_pages=1)
@@ -62,7 +62,7 @@ def test_eviction_by_sink_frees_a_slot_in_one_step(tree):
     sink drops the one unlocked subtree, all of it, and frees its slot at once."""
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
-    from kvarn_sglang.sink_eviction import evictable_sinks
+    from kvarn_sglang.serving.sink_eviction import evictable_sinks
 
     server = SimServer(CFG, num_pages=40, num_slots=3, tree=tree)
     held = [[1] * G + [10 + i] * G for i in range(3)]  # one sink, three branches (oldest)

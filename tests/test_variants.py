@@ -1,4 +1,4 @@
-"""Commit-time KVarN variants (``kvarn_sglang.variants``) and the eval hooks they use."""
+"""Commit-time KVarN variants (``kvarn_sglang.quant.variants``) and the eval hooks they use."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from conftest import kv_like
 
 from benchmarks import bench_variants
-from kvarn_sglang.baselines import get_method
-from kvarn_sglang.config import get_preset
-from kvarn_sglang.eval_attention import paged_attention
-from kvarn_sglang.eval_run import build_methods
-from kvarn_sglang.reference import quantize_pages
-from kvarn_sglang.variants import LayerwiseMethod, VariantMethod, parse_variant
+from kvarn_sglang.eval.attention import paged_attention
+from kvarn_sglang.eval.run import build_methods
+from kvarn_sglang.format.config import get_preset
+from kvarn_sglang.quant.baselines import get_method
+from kvarn_sglang.quant.reference import quantize_pages
+from kvarn_sglang.quant.variants import LayerwiseMethod, VariantMethod, parse_variant
 
 
 @pytest.mark.parametrize("preset", ["k4v2_g128", "k2v2_g64"])
@@ -93,8 +93,8 @@ def test_recent_window_reads_previous_pages_unquantized():
 def test_variants_run_inside_a_model_per_layer_and_with_a_window():
     from tiny_llama import tiny_llama
 
-    from kvarn_sglang.eval_attention import paged_attention_mode, paged_logits
-    from kvarn_sglang.eval_cache import PagedQuantizedCache
+    from kvarn_sglang.eval.attention import paged_attention_mode, paged_logits
+    from kvarn_sglang.eval.cache import PagedQuantizedCache
 
     model = tiny_llama()
     ids = torch.randint(0, 256, (1, 4 * 64 + 5), generator=torch.Generator().manual_seed(1))

@@ -1,7 +1,7 @@
 """Drive stock SGLang's model runner with ``--kv-cache kvarn`` in one process (no server).
 
 Run by ``tests/test_model_runner.py`` in a subprocess with the CPU engine's environment
-(``benchmarks.server_process.cpu_engine_env``). It builds the runner the way
+(``benchmarks.harness.server_process.cpu_engine_env``). It builds the runner the way
 ``python -m sglang.benchmark.one_batch`` does (SGLang's own ``load_model``: ``ModelRunner``,
 ``KVCacheConfigurator``, the pool and allocator classes the plugin's hooks choose, the
 attention backend registry), prefills a batch, decodes it across several page boundaries
