@@ -8,9 +8,10 @@ Four layers, each importing only the ones above it in this list:
 * ``quant``: the executable spec in plain torch (``reference``: quantizer and decode-
   consistent attention), round-to-nearest and its refits, the beyond-the-paper variants and
   the baseline quantizers compared against.
-* ``serving``: the SGLang integration: the plugin entry point and settings, the KV pool,
-  its allocator, the page store, a page's life (``pages``), the per-pass plan and the
-  attention backend. The hooks into SGLang itself live in ``kvarn_sglang.patches``.
+* ``serving``: the SGLang integration: settings, the KV pool, its allocator, the page
+  store, a page's life (``pages``), the per-pass plan and the attention backend. The hooks
+  into SGLang itself and the plugin entry point that installs them live above it, in
+  ``kvarn_sglang.patches``.
 * ``eval``: the ``kvarn-sglang`` command: ``eval`` (accuracy of KVarN on your model),
   ``quant-error``, ``presets`` and ``export-hf``.
 

@@ -174,7 +174,7 @@ def after_from_cli_args(result, cls, args):
 def configure_kvarn(server_args) -> None:
     """Refuse what KVarN does not support and select its configuration on a raw
     ``ServerArgs`` whose ``kv_cache_dtype`` is ``kvarn`` (before resolution)."""
-    from kvarn_sglang.serving.plugin import require_hooks
+    from kvarn_sglang.patches.plugin import require_hooks
 
     require_hooks()
     if server_args.max_running_requests is None:

@@ -53,7 +53,7 @@ def test_entry_point_is_declared():
     import importlib.metadata
 
     eps = importlib.metadata.entry_points(group="sglang.srt.plugins")
-    assert any(ep.value == "kvarn_sglang.serving.plugin:register" for ep in eps)
+    assert any(ep.value == "kvarn_sglang.patches.plugin:register" for ep in eps)
 
 
 def test_kv_cache_kvarn_selects_the_kvarn_configuration(prepare):
@@ -105,7 +105,7 @@ def test_a_hook_sglang_did_not_apply_refuses_the_start(prepare, monkeypatch):
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     from kvarn_sglang.patches.platform import GET_KV_POOL_CLS
-    from kvarn_sglang.serving.plugin import missing_hooks
+    from kvarn_sglang.patches.plugin import missing_hooks
 
     assert missing_hooks() == []
     monkeypatch.setattr(HookRegistry, "_patched", HookRegistry._patched - {GET_KV_POOL_CLS})

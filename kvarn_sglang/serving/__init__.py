@@ -1,7 +1,6 @@
 """KVarN inside SGLang: what ``--kv-cache kvarn`` runs.
 
-* ``plugin``: the ``sglang.srt.plugins`` entry point that installs ``kvarn_sglang.patches``;
-  ``settings``: the ``--kvarn-*`` flags; ``model_check``: models and layers KVarN refuses;
+* ``settings``: the ``--kvarn-*`` flags; ``model_check``: models and layers KVarN refuses;
   ``capacity``: bytes per token and the fp16 slot pool, for SGLang's pool sizing;
 * ``pool``: ``KVarNTokenToKVPool``, SGLang's token-to-KV pool over a ``page_store``
   (packed records plus fp16 slots);
@@ -13,4 +12,7 @@
 * ``forward_plan``: that decision turned into device tensors for one forward pass;
 * ``backend``: ``KVarNAttnBackend``, SGLang's attention backend over the pool;
   ``request_guard``: isolates a request whose K/V turn non-finite.
+
+The hooks into SGLang and the ``sglang.srt.plugins`` entry point that installs them
+(``kvarn_sglang.patches.plugin``) sit above this layer: they import it, never the reverse.
 """
