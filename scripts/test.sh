@@ -7,4 +7,6 @@ bash scripts/setup_env.sh
 export TRITON_INTERPRET=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two workers (CI has two cores); every real-server test runs in one of them (conftest.py) so
+# each shared server starts once.
+.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=15 "$@"

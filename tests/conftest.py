@@ -51,3 +51,21 @@ def kv_like(pages: int, g: int, heads: int, d: int, *, seed: int = 0, dtype=torc
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def server_pool(tmp_path_factory):
+    """The run's shared stock SGLang servers (``tests/servers.py``)."""
+    from servers import ServerPool
+
+    pool = ServerPool(tmp_path_factory.mktemp("servers"))
+    yield pool
+    pool.stop_all()
+
+
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist, every real-engine test runs in one worker, so the run starts each
+    shared server once (``--dist loadgroup``)."""
+    for item in items:
+        if item.get_closest_marker("server"):
+            item.add_marker(pytest.mark.xdist_group("server"))

@@ -1,16 +1,17 @@
 """The real engine: stock ``python -m sglang.launch_server --kv-cache kvarn`` on a CPU.
 
-One KVarN server (SmolLM2-135M, ``--max-running-requests 4 --kvarn-slots 5``: the fewest
-slots the plugin accepts, so a cached prefix's sink page competes with running requests for
-slots and admission makes requests wait for them) and one fp16 server
-(``--attention-backend torch_native``) are started as subprocesses with the test-only
-``sgl_kernel`` stand-in (``tests/cpu_engine``) and driven over HTTP by a real OpenAI client.
-Nothing of SGLang is re-implemented here: its scheduler, radix cache, allocator, KV-cache
-configurator, model runner and HTTP server run as shipped.
+The run's shared KVarN server (``servers.SMOLLM2_KVARN``: SmolLM2-135M,
+``--max-running-requests 4 --kvarn-slots 5``, the fewest slots the plugin accepts, so a cached
+prefix's sink page competes with running requests for slots and admission makes requests wait
+for them) and fp16 server (``servers.SMOLLM2_FP16``, ``--attention-backend torch_native``) run
+as subprocesses with the test-only ``sgl_kernel`` stand-in (``tests/cpu_engine``) and are
+driven over HTTP by a real OpenAI client. Nothing of SGLang is re-implemented here: its
+scheduler, radix cache, allocator, KV-cache configurator, model runner and HTTP server run as
+shipped.
 
-The tests share the servers and run in file order (pytest's default): start, capacity,
-prefix-cache hit == miss, teacher-forced agreement with ``kvarn-sglang eval``, a mixed load,
-then the idle leak check, then ``sglang.Engine`` against the server.
+The tests run in file order (pytest's default): start, capacity, prefix-cache hit == miss,
+teacher-forced agreement with ``kvarn-sglang eval``, a mixed load, then the idle leak check,
+then ``sglang.Engine`` against the server.
 """
 
 from __future__ import annotations
@@ -23,45 +24,25 @@ import time
 
 import pytest
 import torch
+from servers import SMOLLM2_FP16, SMOLLM2_KVARN
 
 from benchmarks.harness.server_process import (
     SMOLLM2_HF,
     ServerProcess,
     cpu_engine_env,
-    start_together,
     wait_until_flushed,
 )
 from kvarn_sglang.eval.models import read_text
 
 pytestmark = pytest.mark.server
 
-KVARN_ARGS = [
-    "--kv-cache", "kvarn", "--page-size", "128", "--max-total-tokens", "262144",
-    "--max-running-requests", "4", "--kvarn-slots", "5",
-    "--sleep-on-idle", "--skip-server-warmup", "--random-seed", "0", "--enable-cache-report",
-]  # fmt: skip
-FP16_ARGS = [
-    "--attention-backend", "torch_native", "--max-total-tokens", "65536",
-    "--max-running-requests", "4", "--sleep-on-idle", "--skip-server-warmup",
-    "--random-seed", "0",
-]  # fmt: skip
 GREEDY = {"temperature": 0.0}
 
 
-def _need_model() -> None:
-    if not (SMOLLM2_HF / "model.safetensors").exists():
-        pytest.fail(f"{SMOLLM2_HF} is missing: run scripts/setup_env.sh (it exports SmolLM2)")
-
-
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """Both servers, started side by side (startup is mostly imports)."""
-    _need_model()
-    logs = tmp_path_factory.mktemp("server_logs")
-    kvarn = ServerProcess(SMOLLM2_HF, KVARN_ARGS, logs / "kvarn.log")
-    fp16 = ServerProcess(SMOLLM2_HF, FP16_ARGS, logs / "fp16.log")
-    with start_together(kvarn, fp16):
-        yield kvarn, fp16
+def servers(server_pool):
+    """The shared KVarN and fp16 servers, their prefix caches flushed."""
+    return server_pool.get(SMOLLM2_KVARN, SMOLLM2_FP16, fresh=True)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +59,7 @@ def test_starts_and_reports_the_kvarn_pool(kvarn_server):
     kvarn, memory = state["kvarn"], state["memory_usage"]
     assert state["kv_cache_dtype"] == "kvarn" and state["attention_backend"] == "kvarn"
     assert kvarn["preset"] == "k4v2_g128" and kvarn["layers"] == 30
-    assert kvarn["slots_total"] == 5 and kvarn["slots_free"] == 5
+    assert kvarn["slots_total"] == 5 and kvarn["slots_free"] == 5  # flushed and idle
     assert kvarn["token_capacity"] == memory["token_capacity"] == 262144
     # SGLang's own KV accounting counts every byte of the pool, fp16 slots included.
     assert abs(memory["kvcache"] - kvarn["pool_bytes"] / 2**30) < 1e-3

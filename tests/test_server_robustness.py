@@ -1,8 +1,9 @@
 """No request takes a KVarN server down: the real CPU server against bad requests (~2 min).
 
-One stock ``python -m sglang.launch_server --kv-cache kvarn`` serves the tiny checkpoint of
-``benchmarks.harness.fuzz_model``, in which one token (id 250, byte 0x9C: any text with "Ŝ" has it)
-makes layer 0's K non-finite, with the fuzzer's small pool (``FUZZ_ARGS``). The tests:
+The run's shared fuzz server (``servers.FUZZ_KVARN``: stock ``python -m sglang.launch_server
+--kv-cache kvarn``) serves the tiny checkpoint of ``benchmarks.harness.fuzz_model``, in which
+one token (id 250, byte 0x9C: any text with "Ŝ" has it) makes layer 0's K non-finite, with the
+fuzzer's small pool (``FUZZ_ARGS``). The tests:
 
 * requests whose K/V turn non-finite, in the prompt (after a cached prefix, in a middle chunk
   of a chunked prefill) and in a decode step, plain and streamed, fail with the KVarN error
@@ -24,8 +25,9 @@ import threading
 import urllib.error
 
 import pytest
+from servers import FUZZ_KVARN
 
-from benchmarks.harness.fuzz_model import POISON_TOKEN, write_fuzz_model
+from benchmarks.harness.fuzz_model import POISON_TOKEN
 from benchmarks.harness.server_fuzz import FUZZ_ARGS, KVARN_ERROR, error_text, fuzz, wait_idle
 from benchmarks.harness.server_process import ServerProcess
 
@@ -34,15 +36,13 @@ GREEDY = {"max_new_tokens": 12, "temperature": 0.0}
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return write_fuzz_model(tmp_path_factory.mktemp("fuzz_model"))
+def model(server_pool):
+    return server_pool.model_path(FUZZ_KVARN.model)
 
 
 @pytest.fixture(scope="module")
-def server(model, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server_logs") / "kvarn.log"
-    with ServerProcess(model, FUZZ_ARGS, log) as started:
-        yield started
+def server(server_pool):
+    return server_pool.get(FUZZ_KVARN, fresh=True)
 
 
 def _generate(server: ServerProcess, body: dict) -> dict:
