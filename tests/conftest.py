@@ -64,8 +64,9 @@ def server_pool(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """With pytest-xdist, every real-engine test runs in one worker, so the run starts each
-    shared server once (``--dist loadgroup``)."""
+    """With pytest-xdist (``--dist loadgroup``), the real-engine tests of one group run in one
+    worker, so the run starts each shared server once: a test module names its group with
+    ``pytest.mark.xdist_group``; real-engine tests without one share the group "server"."""
     for item in items:
-        if item.get_closest_marker("server"):
+        if item.get_closest_marker("server") and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group("server"))
