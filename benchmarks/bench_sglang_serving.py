@@ -65,7 +65,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fp16-url", default=None, help="an fp16 server of the same model")
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated")
     p.add_argument("--sizes", default="cpu", choices=sorted(SIZES), help="generated-shared-prefix")
-    p.add_argument("--tasks", type=int, default=2, help="agentic tasks of the trace")
+    p.add_argument("--tasks", type=int, default=1, help="agentic tasks of the trace")
     p.add_argument("--scale", type=float, default=0.125, help="length scale of the trace")
     p.add_argument("--concurrency", type=int, default=4, help="client --max-concurrency")
     p.add_argument("--seed", type=int, default=0)
@@ -82,6 +82,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def _runs(args: argparse.Namespace, url: str, workdir: Path) -> dict:
     """Every dataset of ``args`` against the server at ``url``."""
     out = {}
+    workdir.mkdir(parents=True, exist_ok=True)
     for dataset in args.datasets:
         wait_until_flushed(url)
         output_file = workdir / "client.jsonl"
