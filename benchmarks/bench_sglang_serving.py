@@ -14,8 +14,8 @@ against each server, one dataset after the other, the prefix cache flushed befor
 
 It records SGLang's result JSON of every run (throughput, TTFT, TPOT, ITL, end-to-end latency,
 cache hits), each server's KV capacity as its scheduler reports it, and KVarN's pool after a
-final flush (every page and fp16 slot free), and prints a markdown table. ``--cpu`` starts both
-servers on this machine (stock SGLang's CPU engine, SmolLM2-135M, the main job's flags plus
+final flush (every page and fp16 slot free), and prints a markdown table. ``--cpu`` starts the two
+servers on this machine one after the other (stock SGLang's CPU engine, SmolLM2-135M, the main job's flags plus
 ``--enable-cache-report``); ``--url``/``--fp16-url`` name running servers, e.g. on a GPU:
 
     python -m benchmarks.bench_sglang_serving --cpu \\
@@ -34,14 +34,8 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.bench_server import FP16_CPU_ARGS, KVARN_CPU_ARGS
-from benchmarks.harness.server_process import (
-    SMOLLM2_HF,
-    ServerProcess,
-    http,
-    start_together,
-    wait_until_flushed,
-)
-from benchmarks.harness.server_workload import capacity, flush_and_count
+from benchmarks.harness.server_process import SMOLLM2_HF, ServerProcess, http, wait_until_flushed
+from benchmarks.harness.server_workload import flush_and_count, kv_capacity
 from benchmarks.harness.sglang_client import (
     CPU_SHARED_PREFIX,
     GPU_SHARED_PREFIX,
@@ -141,15 +135,44 @@ def _table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _serve(args: argparse.Namespace, name: str, url: str, workdir: Path) -> dict:
+    """One server: its capacity, every dataset's run, and (KVarN) its pool after a flush."""
+    out = {"capacity": kv_capacity(url), "runs": _runs(args, url, workdir / name)}
+    if name == "kvarn":
+        out["after_flush"] = flush_and_count(url)
+    return out
+
+
+def _merge(served: dict) -> dict:
+    cap = {name: s["capacity"] for name, s in served.items()}
+    if "fp16" in cap:
+        cap["ratio"] = cap["kvarn"]["tokens_per_gib"] / cap["fp16"]["tokens_per_gib"]
+    return {
+        "capacity": cap,
+        "runs": {name: s["runs"] for name, s in served.items()},
+        "after_flush": served["kvarn"]["after_flush"],
+    }
+
+
 def measure(args: argparse.Namespace, kvarn_url: str, fp16_url: str | None) -> dict:
     urls = {"kvarn": kvarn_url} | ({"fp16": fp16_url} if fp16_url else {})
     with tempfile.TemporaryDirectory(prefix="bench-sglang-serving-") as tmp:
-        runs = {name: _runs(args, url, Path(tmp) / name) for name, url in urls.items()}
-    return {
-        "capacity": capacity(kvarn_url, fp16_url),
-        "runs": runs,
-        "after_flush": flush_and_count(kvarn_url),
-    }
+        return _merge({name: _serve(args, name, url, Path(tmp)) for name, url in urls.items()})
+
+
+def measure_cpu(args: argparse.Namespace) -> dict:
+    """Start the KVarN server, then the fp16 server, on this machine (one at a time: the
+    client's numbers are the server's alone, and the memory peak is one server's)."""
+    logs = Path(args.log_dir)
+    report = ["--enable-cache-report"]  # cached tokens in /v1/chat/completions usage
+    flags = {"kvarn": KVARN_CPU_ARGS + report, "fp16": FP16_CPU_ARGS + report}
+    served = {}
+    with tempfile.TemporaryDirectory(prefix="bench-sglang-serving-") as tmp:
+        for name, server_args in flags.items():
+            print(f"starting the {name} server on the CPU (log in {logs})", file=sys.stderr)
+            with ServerProcess(SMOLLM2_HF, server_args, logs / f"{name}.log") as server:
+                served[name] = _serve(args, name, server.url, Path(tmp))
+    return _merge(served)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,13 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions("torch", "sglang", "transformers"),
     }
     if args.cpu:
-        logs = Path(args.log_dir)
-        report = ["--enable-cache-report"]  # cached tokens in /v1/chat/completions usage
-        kvarn = ServerProcess(SMOLLM2_HF, KVARN_CPU_ARGS + report, logs / "kvarn.log")
-        fp16 = ServerProcess(SMOLLM2_HF, FP16_CPU_ARGS + report, logs / "fp16.log")
-        print(f"starting SGLang on the CPU (logs in {logs}) ...", file=sys.stderr)
-        with start_together(kvarn, fp16):
-            result = measure(args, kvarn.url, fp16.url)
+        result = measure_cpu(args)
         header["device"] = "cpu (stock SGLang CPU engine, sgl_kernel stand-in)"
     else:
         result = measure(args, args.url, args.fp16_url)
