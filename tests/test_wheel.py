@@ -118,6 +118,10 @@ def test_the_wheel_holds_the_package_and_its_data_only(wheel_env):
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[sglang.srt.plugins]\nkvarn = kvarn_sglang.patches.plugin:register" in text, text
+    # The README's install: `pip install "dist/kvarn_sglang-...whl[sglang]"` pulls SGLang 0.5.23.
+    metadata = zipfile.ZipFile(wheel).read(f"{name}-{version}.dist-info/METADATA").decode()
+    assert 'Requires-Dist: sglang==0.5.23; extra == "sglang"' in metadata, metadata
+    assert f'pip install "dist/{wheel.name}[sglang]"' in (ROOT / "README.md").read_text()
 
 
 def test_sglang_finds_the_installed_plugin_outside_the_checkout(wheel_env):
