@@ -14,9 +14,10 @@ against each server, one dataset after the other, the prefix cache flushed befor
 
 It records SGLang's result JSON of every run (throughput, TTFT, TPOT, ITL, end-to-end latency,
 cache hits), each server's KV capacity as its scheduler reports it, and KVarN's pool after a
-final flush (every page and fp16 slot free), and prints a markdown table. ``--cpu`` starts the two
-servers on this machine one after the other (stock SGLang's CPU engine, SmolLM2-135M, the main job's flags plus
-``--enable-cache-report``); ``--url``/``--fp16-url`` name running servers, e.g. on a GPU:
+final flush (every page and fp16 slot free), and prints a markdown table. ``--cpu`` starts the
+two servers on this machine one after the other (stock SGLang's CPU engine, SmolLM2-135M, the
+main job's flags plus ``--enable-cache-report``); ``--url``/``--fp16-url`` name running
+servers, e.g. on a GPU:
 
     python -m benchmarks.bench_sglang_serving --cpu \\
         --output benchmarks/results/sglang_serving_cpu_smollm2.json
