@@ -108,15 +108,6 @@ class KVarNCacheController(HybridCacheController):
     def host_pool(self) -> KVarNHostPool:
         return self.mem_pool_host.anchor_entry.host_pool
 
-    def _device_sink_offsets(self, device_indices: torch.Tensor) -> list[int]:
-        """Page positions, within ``device_indices``, of pages that hold an fp16 slot."""
-        store = self.host_pool.store
-        store.flush_released()
-        g = self.page_size
-        pages = device_indices.to(torch.long)[::g] // g
-        held = store.page_slot[pages] != store.scratch
-        return torch.nonzero(held).flatten().tolist()
-
     def _alloc_host(self, num_tokens: int, sinks: list[int], reclaim) -> torch.Tensor | None:
         pool = self.host_pool
         indices = pool.alloc_pages(num_tokens, sinks)
@@ -132,7 +123,7 @@ class KVarNCacheController(HybridCacheController):
     ):
         if extra_pools:
             raise ValueError("KVarN HiCache has no side pools")
-        sinks = self._device_sink_offsets(device_indices)
+        sinks = self.host_pool.device_sink_offsets(device_indices)
         host_indices = self._alloc_host(len(device_indices), sinks, reclaim)
         if host_indices is None:
             self.backups_skipped += 1

@@ -57,6 +57,7 @@ class KVarNHostPool(HostKVCache):
         sink_extra: ``int64 [num_records, sink_records - 1]``, the extra records of a host
             page that holds a sink page, -1 for a packed page (CPU).
         bytes_to_host, bytes_to_device: bytes copied by backups and loads so far.
+        pages_freed: host pages given back by the tree (host eviction) or a prefetch.
     """
 
     def __init__(
@@ -86,6 +87,7 @@ class KVarNHostPool(HostKVCache):
         self.slot_dtype = slot_dtype
         self.storage_format_tag = storage_format_tag(cfg, slot_dtype)
         self.bytes_to_host = self.bytes_to_device = 0
+        self.pages_freed = 0  # host pages given back (host eviction, prefetch rollback)
         self._plans: dict = {}
         per_token, rest = divmod(self.layer_num * self.record_bytes, cfg.page_size)
         on_cuda = torch.device(device_pool.device).type == "cuda"
@@ -186,7 +188,19 @@ class KVarNHostPool(HostKVCache):
             g = self.page_size
             tokens = (extra[:, None] * g + torch.arange(g)).flatten()
             super().free(tokens)
-        return super().free(indices)
+        freed = super().free(indices)
+        self.pages_freed += freed // self.page_size
+        return freed
+
+    def device_sink_offsets(self, device_indices: torch.Tensor) -> list[int]:
+        """Page positions, within page-aligned device token indices, of the pages that hold
+        an fp16 slot: in the radix tree, exactly its sink pages (every other tree page is
+        committed and gave its slot back)."""
+        store = self.store
+        store.flush_released()
+        g = self.page_size
+        pages = device_indices.to(torch.long)[::g] // g
+        return torch.nonzero(store.page_slot[pages] != store.scratch).flatten().tolist()
 
     def is_sink(self, pages: torch.Tensor) -> torch.Tensor:
         """``bool [n]``: which host pages hold sink pages."""
@@ -205,6 +219,7 @@ class KVarNHostPool(HostKVCache):
             "host_records_per_sink_page": self.sink_records,
             "host_bytes": self.nbytes,
             "host_bytes_per_page": self.layer_num * self.record_bytes,
+            "host_pages_freed": self.pages_freed,
             "bytes_to_host": self.bytes_to_host,
             "bytes_to_device": self.bytes_to_device,
         }
@@ -232,9 +247,11 @@ class KVarNHostPool(HostKVCache):
     def _plan(self, host_indices: torch.Tensor, device_indices: torch.Tensor):
         """Host pages, device pages and their packed/sink split for one transfer (computed
         once per transfer; the per-layer loads of one transfer share it)."""
-        key = (host_indices.data_ptr(), host_indices.numel(), device_indices.data_ptr())
-        plan = self._plans.get(key)
-        if plan is None:
+        # Keyed by the index tensors themselves (held here, so no new tensor can reuse their
+        # memory and be mistaken for them).
+        cached = self._plans.get("for")
+        plan = self._plans.get("plan")
+        if cached is None or cached[0] is not host_indices or cached[1] is not device_indices:
             hp = self.pages_of(host_indices)
             dp = device_indices.to(torch.long)[:: self.page_size] // self.page_size
             sink = self.is_sink(hp)
@@ -246,7 +263,7 @@ class KVarNHostPool(HostKVCache):
                 "sink_dev": dp[sink.to(dev)],
                 "num_sinks": int(sink.sum()),
             }
-            self._plans = {key: plan}
+            self._plans = {"for": (host_indices, device_indices), "plan": plan}
         return plan
 
     def transfer_bytes(self, host_indices: torch.Tensor) -> int:
