@@ -56,7 +56,8 @@ class KVarNHostPool(HostKVCache):
         records: ``uint8 [num_records, layers, H * page_bytes]`` (SGLang's ``kv_buffer``).
         sink_extra: ``int64 [num_records, sink_records - 1]``, the extra records of a host
             page that holds a sink page, -1 for a packed page (CPU).
-        bytes_to_host, bytes_to_device: bytes copied by backups and loads so far.
+        bytes_to_host, bytes_to_device: bytes copied by backups and loads so far (and
+            ``pages_to_host``, ``pages_to_device``: how many pages).
         pages_freed: host pages given back by the tree (host eviction) or a prefetch.
     """
 
@@ -87,6 +88,7 @@ class KVarNHostPool(HostKVCache):
         self.slot_dtype = slot_dtype
         self.storage_format_tag = storage_format_tag(cfg, slot_dtype)
         self.bytes_to_host = self.bytes_to_device = 0
+        self.pages_to_host = self.pages_to_device = 0
         self.pages_freed = 0  # host pages given back (host eviction, prefetch rollback)
         self._plans: dict = {}
         per_token, rest = divmod(self.layer_num * self.record_bytes, cfg.page_size)
@@ -222,6 +224,9 @@ class KVarNHostPool(HostKVCache):
             "host_pages_freed": self.pages_freed,
             "bytes_to_host": self.bytes_to_host,
             "bytes_to_device": self.bytes_to_device,
+            "pages_to_host": self.pages_to_host,
+            "pages_to_device": self.pages_to_device,
+            "fp16_bytes_per_page": self.layer_num * self.sink_bytes,
         }
 
     def verify(self) -> list[str]:
@@ -307,6 +312,7 @@ class KVarNHostPool(HostKVCache):
                 chunks = self._sink_chunks(store.slot_k[layer][held], store.slot_v[layer][held])
                 self.kv_buffer[records, layer] = chunks.to("cpu")
         self.bytes_to_host += self.transfer_bytes(host_indices)
+        self.pages_to_host += len(host_indices) // self.page_size
 
     def load_to_device_per_layer(
         self, device_pool, host_indices, device_indices, layer_id, io_backend, *, is_draft=False
@@ -326,6 +332,7 @@ class KVarNHostPool(HostKVCache):
             store.slot_v[layer_id][slots] = v
         if layer_id == self.layer_num - 1:
             self.bytes_to_device += self.transfer_bytes(host_indices)
+            self.pages_to_device += len(host_indices) // self.page_size
 
     # ------------------------------------------------------------------ L3 pages
     def page_object_bytes(self, sink: bool) -> int:
