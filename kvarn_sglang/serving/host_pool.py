@@ -211,6 +211,7 @@ class KVarNHostPool(HostKVCache):
     def used_records(self) -> int:
         return self.page_num - self.available_size() // self.page_size
 
+    @synchronized
     def state(self) -> dict:
         """What ``/get_server_info`` reports about the host tier."""
         sinks = int((self.sink_extra[:, 0] >= 0).sum())
@@ -229,6 +230,7 @@ class KVarNHostPool(HostKVCache):
             "fp16_bytes_per_page": self.layer_num * self.sink_bytes,
         }
 
+    @synchronized
     def verify(self) -> list[str]:
         """Idle check of the host records: every record is free, or used by exactly one
         allocated host page (its own record or a sink page's extra one)."""
