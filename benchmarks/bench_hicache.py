@@ -189,9 +189,7 @@ def format_report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = _parse(argv)
     servers = {
-        name: ServerProcess(
-            SMOLLM2_HF, _server_args(args, hicache), f"/tmp/bench_hicache_{name}.log"
-        )
+        name: ServerProcess(SMOLLM2_HF, _server_args(args, hicache), LOGS / f"{name}.log")
         for name, hicache in (("kvarn_hicache", True), ("kvarn", False))
     }
     measured = {}

@@ -156,5 +156,69 @@ def test_flush_forgets_the_sink_records(filled):
     assert host.state()["host_sink_pages"] == 0 and host.verify() == []
 
 
+def test_host_pool_rejects_another_page_size_and_a_host_without_room(filled, monkeypatch):
+    server, _ = filled
+    with pytest.raises(ValueError, match="Unsupported page_size 128"):
+        KVarNHostPool(server.pool, 2.0, 0, 128)
+    from sglang.srt.mem_cache import host_memory
+
+    monkeypatch.setattr(host_memory, "available_host_memory_bytes", lambda **kw: 1000)
+    with pytest.raises(ValueError, match="Not enough host memory for the KVarN HiCache pool"):
+        _host(server)
+
+
+def test_builder_and_controller_reject_what_kvarn_hicache_does_not_do(filled):
+    from types import SimpleNamespace
+
+    from kvarn_sglang.serving.hicache import (
+        KVarNCacheController,
+        KVarNHostPoolBuilder,
+        KVarNStackStrategy,
+        kvarn_host_pool_decl,
+    )
+
+    server, indices = filled
+    decl = kvarn_host_pool_decl(server.pool)
+    assert decl.storage_info.bytes_per_token_per_layer == 2 * 3840 // G
+    builder = KVarNHostPoolBuilder()
+    with pytest.raises(ValueError, match="no draft-model pages"):
+        builder.validate(decl=decl, transfer_page_size=G, packed_draft_device_pools=(object(),))
+    with pytest.raises(ValueError, match="Unsupported page_size 128"):
+        builder.validate(decl=decl, transfer_page_size=128, packed_draft_device_pools=())
+    dummy = SimpleNamespace()
+    with pytest.raises(ValueError, match="no side pools"):
+        KVarNCacheController.allocate_host_transfers(dummy, indices, extra_pools=[object()])
+    with pytest.raises(NotImplementedError, match="loads into pages it allocates"):
+        KVarNCacheController.load(dummy, indices, device_indices=indices)
+    assert KVarNStackStrategy().matches(server.pool, set())
+    with pytest.raises(ValueError, match="full-attention KV only"):
+        KVarNStackStrategy().build(
+            cache=SimpleNamespace(components={"FULL": 0, "SWA": 1}), kvcache=server.pool,
+            params=None, server_args=None, load_cache_event=None,
+        )  # fmt: skip
+
+
+def test_prefetched_pages_are_sinks_at_the_first_sequence_positions():
+    from types import SimpleNamespace
+
+    from kvarn_sglang.serving.hicache import KVarNCacheController
+
+    def controller(sink_pages):
+        cfg = SimpleNamespace(sink_pages=sink_pages)
+        pool = SimpleNamespace(config=cfg)
+        group = SimpleNamespace(anchor_entry=SimpleNamespace(host_pool=pool))
+        return SimpleNamespace(page_size=G, mem_pool_host=group, host_pool=pool)
+
+    def sinks(sink_pages, start, tokens):
+        op = SimpleNamespace(storage_start=start, prefetch_kv_page_offset=0)
+        return KVarNCacheController._prefetch_sinks(controller(sink_pages), op, tokens)
+
+    assert sinks(1, 0, 3 * G) == [0]
+    assert sinks(2, 0, 3 * G) == [0, 1]
+    assert sinks(2, G, 3 * G) == [0]  # the second page of the sequence
+    assert sinks(1, G, 3 * G) == []
+    assert sinks(0, 0, 3 * G) == []
+
+
 if __name__ == "__main__":
     test_pages_come_back_from_host_byte_for_byte_with_sinks_in_their_own_slots(1, _filled())
