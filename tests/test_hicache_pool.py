@@ -156,6 +156,22 @@ def test_flush_forgets_the_sink_records(filled):
     assert host.state()["host_sink_pages"] == 0 and host.verify() == []
 
 
+def test_every_layer_waits_for_its_loaded_pages_before_it_reads(filled):
+    """Layer-wise loading: the backend waits on SGLang's per-layer load event of a layer
+    (``LayerDoneCounter.wait_until``) before that layer writes, commits or attends."""
+    server, _ = filled
+    waited = []
+    counter = type("Counter", (), {"wait_until": lambda self, layer: waited.append(layer)})()
+    server.pool.register_layer_transfer_counter(counter)
+    try:
+        req = server.start([5] * (G + 3))
+        assert server.extend([req], [G + 3 - req.cached_len])
+        server.finish(req)
+    finally:
+        server.pool.register_layer_transfer_counter(None)
+    assert waited == [0, 1]
+
+
 def test_host_pool_rejects_another_page_size_and_a_host_without_room(filled, monkeypatch):
     server, _ = filled
     with pytest.raises(ValueError, match="Unsupported page_size 128"):

@@ -16,7 +16,7 @@ def test_hits_are_whole_pages_of_the_prefix_and_never_the_whole_prompt():
     prompt = _session(0, 3)
     model.insert(prompt)
     assert model.match(prompt) == 2 * G  # the last token is always computed
-    assert model.match(prompt + [7]) == 3 * G
+    assert model.match([*prompt, 7]) == 3 * G
     assert model.match([9, *prompt]) == 0
 
 
@@ -28,8 +28,8 @@ def test_least_recently_used_leaves_go_first_and_sink_pages_cost_more():
     model.insert(b)  # 5 + 1 = 12 in all
     assert model.used == 12
     model.insert(c)  # needs 6: a's leaf then a's sink (least recently used) go
-    assert model.match(a + [0]) == 0
-    assert model.match(b + [0]) == 2 * G and model.match(c + [0]) == 2 * G
+    assert model.match([*a, 0]) == 0
+    assert model.match([*b, 0]) == 2 * G and model.match([*c, 0]) == 2 * G
     assert model.used == 12
 
 
