@@ -41,7 +41,6 @@ KVARN_FLAGS = {"kvarn_preset": "_kvarn_preset", "kvarn_sink_pages": "_kvarn_sink
 # (raw flag attribute, value that is fine, message)
 _REFUSED_FLAGS = [
     ("speculative_algorithm", None, "speculative decoding: remove --speculative-algorithm"),
-    ("enable_hierarchical_cache", False, "hierarchical cache: remove --enable-hierarchical-cache"),
     ("disaggregation_mode", "null", "PD disaggregation: remove --disaggregation-mode"),
     ("enable_lmcache", False, "LMCache: remove --enable-lmcache"),
     ("enable_flexkv", False, "FlexKV: remove --enable-flexkv"),
@@ -126,6 +125,8 @@ def refuse_flags(args, settings: KVarNSettings) -> None:
         value = getattr(args, name, fine)
         if value is not None and value != fine:
             raise ValueError(f"--kv-cache kvarn does not support {message}")
+    if getattr(args, "enable_hierarchical_cache", False):
+        refuse_hicache_options(args)
     for name, flag, what in _REFUSED_SIZES:
         size = getattr(args, name, 1) or 1
         if size != 1:
@@ -143,6 +144,23 @@ def refuse_flags(args, settings: KVarNSettings) -> None:
         raise ValueError(
             "--kv-cache kvarn does not support prefill CUDA graphs: use "
             "--cuda-graph-backend-prefill disabled (the default with KVarN)"
+        )
+
+
+def refuse_hicache_options(args) -> None:
+    """Raise ``ValueError`` for HiCache options the KVarN host tier does not implement: L3
+    backends other than ``file`` (the others read and write host pages zero-copy, in SGLang's
+    dense layouts) and host memory as a transient buffer (``buffer_only``)."""
+    backend = getattr(args, "hicache_storage_backend", None)
+    if backend not in (None, "file"):
+        raise ValueError(
+            f"--kv-cache kvarn stores HiCache pages in L3 with --hicache-storage-backend file "
+            f"only (got {backend}): use file, or leave --hicache-storage-backend unset"
+        )
+    if getattr(args, "hicache_host_memory_mode", "cache") != "cache":
+        raise ValueError(
+            "--kv-cache kvarn keeps HiCache pages in host memory as a cache: use "
+            "--hicache-host-memory-mode cache"
         )
 
 

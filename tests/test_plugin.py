@@ -216,7 +216,16 @@ REFUSAL_MATRIX = {
     "page_size": ("flags", ["--page-size", "64"], "--page-size"),
     "page_size_vs_preset": ("flags", [*P128, "--kvarn-preset", "k4v2_g64"], "--page-size"),
     "speculative": ("flags", [*P128, "--speculative-algorithm", "EAGLE"], "--speculative-"),
-    "hierarchical_cache": ("flags", [*P128, "--enable-hierarchical-cache"], "--enable-hier"),
+    "hicache_storage_mooncake": (
+        "flags",
+        [*P128, "--enable-hierarchical-cache", "--hicache-storage-backend", "mooncake"],
+        "--hicache-storage-backend",
+    ),
+    "hicache_buffer_only": (
+        "flags",
+        [*P128, "--enable-hierarchical-cache", "--hicache-host-memory-mode", "buffer_only"],
+        "--hicache-host-memory-mode",
+    ),
     "pd_disaggregation": ("flags", [*P128, "--disaggregation-mode", "prefill"], "--disagg"),
     "lmcache": ("flags", [*P128, "--enable-lmcache"], "--enable-lmcache"),
     "kv_sharding": ("flags", [*P128, "--enable-kv-cache-sharding"], "--enable-kv-cache-sharding"),

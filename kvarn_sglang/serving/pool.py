@@ -119,5 +119,18 @@ class KVarNTokenToKVPool(MHATokenToKVPool):
         layer_id = layer.layer_id if layer_id is None else layer_id
         self.store.write(layer_id - self.start_layer, loc, cache_k, cache_v)
 
+    def host_pool_decls(self):
+        """The host pool HiCache keeps for this pool: packed records (``host_pool``), built by
+        ``hicache.KVarNHostPoolBuilder``; ``hicache.KVarNStackStrategy`` assembles it."""
+        from kvarn_sglang.serving.hicache import kvarn_host_pool_decl
+
+        return (kvarn_host_pool_decl(self),)
+
+    def wait_for_layer(self, layer_id: int) -> None:
+        """Wait until HiCache has loaded layer ``layer_id`` (local) of the pages a pass reads
+        back from host memory (SGLang's layer-wise loading; a no-op without HiCache)."""
+        if self.layer_transfer_counter is not None:
+            self.layer_transfer_counter.wait_until(layer_id)
+
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor) -> None:
         raise NotImplementedError("KVarN does not support speculative decoding yet")
