@@ -54,17 +54,41 @@ def presets(head_dim: str = "128") -> str:
     return "\n".join(lines)
 
 
+LABELS = {
+    "fp8": "fp8 (e4m3, scale 1)",
+    "kvarn-norot-k2v2": "kvarn-norot-k2v2 (ablation)",
+    "kvarn-nonorm-k2v2": "kvarn-nonorm-k2v2 (ablation)",
+}
+
+
+def _labelled(table: str) -> str:
+    """The method column of a benchmark table as the docs show it: KVarN presets in bold,
+    ablations and fp8's scale named."""
+    from kvarn_sglang.format.config import PRESETS
+
+    out = []
+    for line in table.split("\n"):
+        cells = line.split(" | ")
+        name = cells[0].removeprefix("| ")
+        if name in PRESETS:
+            cells[0] = f"| **{name}**"
+        elif name in LABELS:
+            cells[0] = f"| {LABELS[name]}"
+        out.append(" | ".join(cells))
+    return "\n".join(out)
+
+
 def quant_error(path: str) -> str:
     from kvarn_sglang.eval.quant_error import ErrorRow, format_table
 
     data = _json(path)
-    return format_table([ErrorRow(**row) for row in data["rows"]])
+    return _labelled(format_table([ErrorRow(**row) for row in data["rows"]]))
 
 
 def accuracy(path: str) -> str:
     from kvarn_sglang.eval.report import format_table, result_from_json
 
-    return format_table(result_from_json(_json(path)))
+    return _labelled(format_table(result_from_json(_json(path))))
 
 
 def accuracy_curve(path: str) -> str:
