@@ -63,11 +63,25 @@ def server_pool(tmp_path_factory):
     pool.stop_all()
 
 
+# The unit tests of a page's life (which pages commit, slots, sink eviction): with the quality
+# tests, the runner of the mutation tests (``scripts/mutation.sh``: ``-m "quality or pagelife"``).
+PAGE_LIFE_TESTS = (
+    "test_pages.py",
+    "test_pool_backend.py",
+    "test_slot_pressure.py",
+    "test_slot_admission.py",
+    "test_prefix_sharing.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
     """With pytest-xdist (``--dist loadgroup``), the real-engine tests of one group run in one
     worker, so the run starts each shared server once: a test module names its group with
-    ``pytest.mark.xdist_group``; real-engine tests without one share the group "server"."""
+    ``pytest.mark.xdist_group``; real-engine tests without one share the group "server".
+    The page-life unit tests (``PAGE_LIFE_TESTS``) are marked ``pagelife``."""
     for item in items:
+        if item.path.name in PAGE_LIFE_TESTS:
+            item.add_marker(pytest.mark.pagelife)
         if item.get_closest_marker("server") and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group("server"))
 
