@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 def _hooks() -> list[tuple[str, object, str]]:
     """``(dotted target, hook, kind)`` of every KVarN hook."""
     from kvarn_sglang.patches import (
+        disaggregation,
         internal_state,
         kv_cache_dtype,
         models_utils,
@@ -65,6 +66,7 @@ def _hooks() -> list[tuple[str, object, str]]:
             "BEFORE",
         ),
         (schedule_policy.ADD_ONE_REQ, schedule_policy.around_add_one_req, "AROUND"),
+        *disaggregation.hooks(),
     ]
 
 
