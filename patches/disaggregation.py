@@ -3,18 +3,23 @@ pages from a prefill server to a decode server (``kvarn_sglang.serving.pd`` draw
 
 Transfer layout (both roles, while the KV manager is built):
 
-* ``prefill/decode.build_kv_layer_ids`` (AFTER): the packed page regions of
+* ``build_kv_layer_ids`` (AFTER): the packed page regions of
   ``KVarNTokenToKVPool.get_contiguous_buf_infos`` carry their model layer ids, so mooncake and
   NIXL pair regions by layer (SGLang gives layer ids to hybrid pools only, and otherwise pairs a
   plain pool's regions as K halves and V halves, which one region per layer is not).
-* ``prefill/decode.setup_state_kv_args`` (AFTER): the fp16 slots become a state component
+* ``setup_state_kv_args`` (AFTER): the fp16 slots become a state component
   (``StateType.REQUEST_ROW``: a request-indexed component that both engines move as whole,
   fixed-size items paired by position, with exact-length checks).
-* ``prefill.get_pd_kv_layout`` (AFTER): the prefill server publishes its ``pd.pd_layout``.
+* ``get_pd_kv_layout`` (AFTER): the KV manager's ``kv_layout`` is ``pd.pd_layout``, which the
+  prefill server publishes at its bootstrap server.
+
+(``sglang.srt.disaggregation.utils`` functions, which ``prefill`` and ``decode`` import by name:
+SGLang's hook registry patches those bindings too.)
 
 Handshake (decode): ``CommonKVManager.try_ensure_parallel_info`` (AROUND) compares the prefill
-server's layout with this server's (and turns SGLang's own page-size and KV-dtype mismatch
-errors, which would stop the decode scheduler, into the same verdict); ``CommonKVReceiver.init``
+server's layout with this server's, and turns SGLang's own mismatch errors (page size, KV
+dtype, KV layout), which would stop the decode scheduler, into the same verdict;
+``CommonKVReceiver.init``
 (AROUND) then fails every request from a refused prefill server with a message naming both
 values, and notifies the prefill server, which fails its side of the request too.
 
@@ -50,11 +55,11 @@ from kvarn_sglang.serving.pd import (
 logger = logging.getLogger(__name__)
 
 _D = "sglang.srt.disaggregation"
-PREFILL_LAYER_IDS = f"{_D}.prefill.build_kv_layer_ids"
-DECODE_LAYER_IDS = f"{_D}.decode.build_kv_layer_ids"
-PREFILL_STATE_ARGS = f"{_D}.prefill.setup_state_kv_args"
-DECODE_STATE_ARGS = f"{_D}.decode.setup_state_kv_args"
-PREFILL_LAYOUT = f"{_D}.prefill.get_pd_kv_layout"
+# Module functions: SGLang's hook registry patches the defining module and every module that
+# imported the function by name (prefill and decode), so each is hooked once, here.
+BUILD_KV_LAYER_IDS = f"{_D}.utils.build_kv_layer_ids"
+SETUP_STATE_KV_ARGS = f"{_D}.utils.setup_state_kv_args"
+GET_PD_KV_LAYOUT = f"{_D}.utils.get_pd_kv_layout"
 TRY_ENSURE_PARALLEL_INFO = f"{_D}.common.conn.CommonKVManager.try_ensure_parallel_info"
 RECEIVER_INIT = f"{_D}.common.conn.CommonKVReceiver.init"
 SEND_KV_CHUNK = f"{_D}.prefill.SchedulerDisaggregationPrefillMixin._send_kv_chunk"
@@ -80,7 +85,7 @@ def after_build_kv_layer_ids(result, *args, **kwargs):
 
 def after_setup_state_kv_args(result, kv_args, token_to_kv_pool, *args, **kwargs):
     pool = _kvarn_pool(token_to_kv_pool)
-    if pool is None:
+    if pool is None or getattr(kv_args, "kvarn_layout", None) is not None:
         return result
     from sglang.srt.disaggregation.base.conn import StateType
     from sglang.srt.disaggregation.utils import append_state_component
@@ -103,7 +108,10 @@ def _slot_component(kv_args) -> int | None:
         return None
     from sglang.srt.disaggregation.base.conn import StateType
 
-    return kv_args.state_types.index(StateType.REQUEST_ROW)
+    found = [i for i, st in enumerate(kv_args.state_types) if st == StateType.REQUEST_ROW]
+    if len(found) != 1:
+        raise RuntimeError(f"KVarN PD: expected one slot component, found {len(found)}")
+    return found[0]
 
 
 # ------------------------------------------------------------------ handshake (decode)
@@ -213,6 +221,15 @@ def around_send_kv_chunk(original, self, req, last_chunk: bool = False, end_idx=
             state_indices = list(state_indices)
             slots = request_slots(pool.store, row, positions, g)
             state_indices[component] = np.array(slots, dtype=np.int32)
+        logger.info(
+            req.bootstrap_room,
+            kv_indices.tolist(),
+            keep.tolist(),
+            None
+            if state_indices is None
+            else [None if x is None else list(x) for x in state_indices],
+            list(at),
+        )
         return send(kv_indices[keep], state_indices, *args, **kwargs)
 
     sender.send = send_packed
@@ -246,6 +263,11 @@ def around_send_kv_metadata(
         state_indices = list(state_indices)
         slots = request_slots(pool.store, row, positions, page_size)
         state_indices[component] = np.array(slots, dtype=np.int32)
+    logger.info(
+        decode_req.req.bootstrap_room,
+        (kv_indices[::page_size] // page_size).tolist(),
+        None if state_indices is None else [None if x is None else list(x) for x in state_indices],
+    )
     return original(self, decode_req, kv_indices, page_size, state_indices, **kwargs)
 
 
@@ -289,11 +311,9 @@ def around_resume_retracted_reqs(original, self, *args, **kwargs):
 def hooks() -> list[tuple[str, object, str]]:
     """``(target, hook, kind)`` of this module, for ``kvarn_sglang.patches.plugin``."""
     return [
-        (PREFILL_LAYER_IDS, after_build_kv_layer_ids, "AFTER"),
-        (DECODE_LAYER_IDS, after_build_kv_layer_ids, "AFTER"),
-        (PREFILL_STATE_ARGS, after_setup_state_kv_args, "AFTER"),
-        (DECODE_STATE_ARGS, after_setup_state_kv_args, "AFTER"),
-        (PREFILL_LAYOUT, after_get_pd_kv_layout, "AFTER"),
+        (BUILD_KV_LAYER_IDS, after_build_kv_layer_ids, "AFTER"),
+        (SETUP_STATE_KV_ARGS, after_setup_state_kv_args, "AFTER"),
+        (GET_PD_KV_LAYOUT, after_get_pd_kv_layout, "AFTER"),
         (TRY_ENSURE_PARALLEL_INFO, around_try_ensure_parallel_info, "AROUND"),
         (RECEIVER_INIT, around_receiver_init, "AROUND"),
         (NUM_PAGES_TO_SEND, around_num_pages_to_send, "AROUND"),

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 from benchmarks.harness.server_process import (
@@ -54,7 +56,14 @@ class PDServer(ServerProcess):
     """A PD prefill or decode server (``role``) with the transfer backend ``backend``."""
 
     def __init__(
-        self, model, role: str, args: list[str], log_path, *, backend: str = "mooncake_tcp"
+        self,
+        model,
+        role: str,
+        args: list[str],
+        log_path,
+        *,
+        backend: str = "mooncake_tcp",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.role = role
         self.bootstrap_port = free_port() if role == "prefill" else None
@@ -63,6 +72,20 @@ class PDServer(ServerProcess):
             pd_args += ["--disaggregation-bootstrap-port", str(self.bootstrap_port)]
         super().__init__(model, [*pd_args, *args], log_path)
         self.env = pd_env(self.env)
+        self.env.update(env or {})
+
+    def pause(self) -> None:
+        """Stop every process of the server (SIGSTOP): it holds its state but answers nothing."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """Kill every process of the server at once (SIGKILL): a crash, no clean-up."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
 
 
 class Router:
@@ -137,3 +160,34 @@ def pd_fleet(model, prefill_args: list[str], decode_args: list[str], log_dir, *,
     router_log = log_dir / "router.log"
     with start_together(prefill, decode), Router.pd([prefill], [decode], router_log) as router:
         yield prefill, decode, router
+
+
+def prometheus_sum(url: str, name: str) -> float:
+    """The sum of the Prometheus series ``name`` at ``url/metrics`` (all label sets; 0 if
+    absent): e.g. ``sglang:kv_transfer_total_mb_sum`` of a server run with
+    ``--enable-metrics``."""
+    request = urllib.request.Request(f"{url}/metrics")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        text = answer.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def handover_bytes(
+    tokens: int, *, layers: int, kv_heads: int, head_dim: int, page_size: int,
+    page_bytes: int | None, sink_pages: int = 1, elem_bytes: int = 2,
+) -> int:  # fmt: skip
+    """Bytes a prompt of ``tokens`` moves from prefill to decode, from the pools' descriptors:
+    fp16 (``page_bytes`` None) moves every page whole; KVarN its sink pages and partial last
+    page as fp16 slots and every other page packed (``kvarn_sglang.serving.pd``)."""
+    from kvarn_sglang.serving.pd import fp16_page_positions
+
+    pages = -(-tokens // page_size)
+    fp16_page = 2 * layers * kv_heads * page_size * head_dim * elem_bytes
+    if page_bytes is None:
+        return pages * fp16_page
+    fp16 = len(fp16_page_positions(0, tokens, page_size, sink_pages))
+    return fp16 * fp16_page + (pages - fp16) * layers * kv_heads * page_bytes
