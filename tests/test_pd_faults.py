@@ -6,6 +6,8 @@
 * the prefill server killed while it computes a request: the decode server (which preallocated
   pages and slots for it) gives the request up when the prefill server's heartbeat is lost,
   gives back every page and slot, and serves again with a new prefill server;
+* a prefill server and a decode server with different presets: the request is refused at the
+  first handshake with a message naming both;
 * a decode server short of pages retracts running requests (their packed pages and fp16 slots
   go to host memory, ``serving.retraction_backup``) and resumes them: every request ends with
   the tokens one server with room for all of them produces.
@@ -140,6 +142,22 @@ def test_prefill_killed_during_a_request(tmp_path):
             answer = r2.generate(_payload(_ids(300, seed=6)))
             assert len(answer["output_ids"]) == 8
             _assert_whole(decode)
+
+
+def test_mismatched_presets_are_refused_at_the_handshake(tmp_path):
+    """A k2v2 prefill server and a k4v2 decode server: the request fails at once with a message
+    naming both presets (not served wrong), and the decode server keeps running."""
+    k2v2 = [*KVARN, "--kvarn-preset", "k2v2_g128"]
+    with pd_fleet(SMOLLM2_HF, k2v2, KVARN, tmp_path) as (prefill, decode, router):
+        started = time.monotonic()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            router.generate(_payload(_ids(200, seed=20)), timeout=300)
+        body = refused.value.read().decode(errors="replace")
+        assert "--kvarn-preset: prefill k2v2_g128, decode k4v2_g128" in body, body
+        assert time.monotonic() - started < 120  # the prefill server was told, not timed out
+        assert decode.alive() and prefill.alive()
+        _assert_whole(decode)
+        _assert_whole(prefill)
 
 
 def test_decode_retraction_resumes_with_the_same_tokens(tmp_path):

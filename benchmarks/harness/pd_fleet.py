@@ -70,6 +70,10 @@ class PDServer(ServerProcess):
         pd_args = ["--disaggregation-mode", role, "--disaggregation-transfer-backend", backend]
         if role == "prefill":
             pd_args += ["--disaggregation-bootstrap-port", str(self.bootstrap_port)]
+        if role == "decode" and "--disaggregation-decode-retraction-backup" not in args:
+            # SGLang's default for an fp16 decode server, a HiCache host pool, is sized from
+            # free host memory and refuses to start on a small machine; KVarN sets cpu_tensor.
+            pd_args += ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
         super().__init__(model, [*pd_args, *args], log_path)
         self.env = pd_env(self.env)
         self.env.update(env or {})
