@@ -118,7 +118,7 @@ class Router:
     def replicas(cls, workers: list[ServerProcess], policy: str, log_path) -> Router:
         return cls(["--worker-urls", *[w.url for w in workers], "--policy", policy], log_path)
 
-    def start(self, timeout: float = 120.0) -> Router:
+    def start(self, timeout: float = 600.0) -> Router:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("w")
         self.process = subprocess.Popen(
