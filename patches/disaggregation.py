@@ -221,15 +221,6 @@ def around_send_kv_chunk(original, self, req, last_chunk: bool = False, end_idx=
             state_indices = list(state_indices)
             slots = request_slots(pool.store, row, positions, g)
             state_indices[component] = np.array(slots, dtype=np.int32)
-        logger.info(
-            req.bootstrap_room,
-            kv_indices.tolist(),
-            keep.tolist(),
-            None
-            if state_indices is None
-            else [None if x is None else list(x) for x in state_indices],
-            list(at),
-        )
         return send(kv_indices[keep], state_indices, *args, **kwargs)
 
     sender.send = send_packed
@@ -263,11 +254,6 @@ def around_send_kv_metadata(
         state_indices = list(state_indices)
         slots = request_slots(pool.store, row, positions, page_size)
         state_indices[component] = np.array(slots, dtype=np.int32)
-    logger.info(
-        decode_req.req.bootstrap_room,
-        (kv_indices[::page_size] // page_size).tolist(),
-        None if state_indices is None else [None if x is None else list(x) for x in state_indices],
-    )
     return original(self, decode_req, kv_indices, page_size, state_indices, **kwargs)
 
 

@@ -63,8 +63,6 @@ def fleet(tmp_path_factory):
         SMOLLM2_HF, "decode", KVARN, logs / "decode.log",
         env={
             "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": str(WAITING_TIMEOUT_S),
-            # A frozen prefill server is given up after two missed heartbeats (default 5 s).
-            "SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "2",
         },
     )  # fmt: skip
     single = ServerProcess(SMOLLM2_HF, KVARN, logs / "single.log")
