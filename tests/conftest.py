@@ -74,14 +74,26 @@ PAGE_LIFE_TESTS = (
 )
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--outside-ci",
+        action="store_true",
+        help="also run the tests marked outside_ci (too slow for CI's budget)",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     """With pytest-xdist (``--dist loadgroup``), the real-engine tests of one group run in one
     worker, so the run starts each shared server once: a test module names its group with
     ``pytest.mark.xdist_group``; real-engine tests without one share the group "server".
-    The page-life unit tests (``PAGE_LIFE_TESTS``) are marked ``pagelife``."""
+    The page-life unit tests (``PAGE_LIFE_TESTS``) are marked ``pagelife``; tests marked
+    ``outside_ci`` are skipped unless ``--outside-ci`` is given."""
+    skip = pytest.mark.skip(reason="outside CI's budget: run with --outside-ci")
     for item in items:
         if item.path.name in PAGE_LIFE_TESTS:
             item.add_marker(pytest.mark.pagelife)
+        if item.get_closest_marker("outside_ci") and not config.getoption("--outside-ci"):
+            item.add_marker(skip)
         if item.get_closest_marker("server") and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group("server"))
 

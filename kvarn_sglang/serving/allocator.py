@@ -88,7 +88,9 @@ class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
         if store is None or pool is None:
             return None
         store.flush_released()
-        rows = sorted(set(range(1, pool.size + 1)) - set(pool.free_slots))
+        # Every row but the padding row 0 (a PD decode server has rows beyond ``pool.size``
+        # for requests waiting for their KV).
+        rows = sorted(set(range(1, pool.req_to_token.shape[0])) - set(pool.free_slots))
         g, sink = self.page_size, store.config.sink_pages
         live: set[int] = set()
         if rows and sink:
