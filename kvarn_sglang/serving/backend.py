@@ -201,7 +201,10 @@ class KVarNAttnBackend(AttentionBackend):
         if self.pool.store.use_kernels:
             from kvarn_sglang.kernels.extend import extend_attention
 
-            out = extend_attention(*args)
+            # The pass's block table, made once from host lengths: no per-layer read-back.
+            out = extend_attention(
+                *args, blocks=self.plan.extend_blocks_for(self.config, hq // hkv)
+            )
         else:
             out = ref_extend_attention(*args)
         return out.to(q.dtype).reshape(-1, hq * d)
