@@ -191,7 +191,8 @@ def rotate_rows_back(a0, a1, a2, a3, sign_ptr, inv_sqrt_d, D: tl.constexpr):
     )
 
 
-@triton.jit
+# The page table's width varies from pass to pass: not specialized on (one compiled variant).
+@triton.jit(do_not_specialize=["stride_tb"])
 def _extend_kernel(
     q_ptr, qr_ptr,  # [T, Hq, D] fp32, contiguous
     kn_ptr, vn_ptr, stride_nt, stride_nh,  # new K/V [T, Hkv, D]
@@ -354,10 +355,11 @@ def extend_blocks(
     row0 = [0]
     for e in extend[:-1]:
         row0.append(row0[-1] + e)
-    flat = [x for blk in blocks for x in blk] + row0
+    n = -(-5 * len(blocks) // 4) * 4  # row0 starts 16-byte aligned, as Triton specializes
+    flat = [x for blk in blocks for x in blk]
+    flat += [0] * (n - len(flat)) + row0
     dev = torch.tensor(flat, dtype=torch.int32).to(device, non_blocking=True)
-    n = 5 * len(blocks)
-    return ExtendBlocks(dev[:n].view(-1, 5), dev[n:], len(blocks), sum(extend))
+    return ExtendBlocks(dev[: 5 * len(blocks)].view(-1, 5), dev[n:], len(blocks), sum(extend))
 
 
 def extend_attention(
