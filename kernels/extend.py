@@ -418,9 +418,10 @@ def extend_attention(
         blocks = extend_blocks(*lens, config, group, q.device)
     if blocks.tokens != t:
         raise ValueError(f"Invalid extend_lens: they sum to {blocks.tokens}, q has {t} tokens")
-    out = torch.zeros(t, hq, d, dtype=q.dtype, device=q.device)
+    # Written in the slots' (the model's) dtype, whatever q's: one compiled variant.
+    out = torch.zeros(t, hq, d, dtype=cache.slot_k.dtype, device=q.device)
     if not blocks.count:
-        return out
+        return out.to(q.dtype)
     qf = q.float().contiguous()
     h = hadamard_matrix(d, q.device)
     qr = (qf @ h).contiguous()
@@ -440,4 +441,4 @@ def extend_attention(
         V_BITS=config.v_bits, BM=rows, TOK=tok, KB=kb, FB=fb, DT=dt, OP=op,
         ASM=compiled(_extend_kernel), num_warps=warps, num_stages=1,
     )  # fmt: skip
-    return out
+    return out.to(q.dtype)
