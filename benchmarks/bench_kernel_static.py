@@ -346,6 +346,91 @@ def print_row(rows: list[dict]) -> None:
         )
 
 
+# Llama-3-8B decode (32 layers, 8 KV heads, head_dim 128, 16.06 GB of bf16 weights) at a
+# context of DECODE_CONTEXT tokens per request, k4v2_g128 pages.
+LLAMA3_8B = {"layers": 32, "kv_heads": 8, "head_dim": 128, "weight_bytes": 16.06e9}
+DECODE_CONTEXT = 4096
+
+
+def commit_decode_model(rows: list[dict], capability: int) -> dict | None:
+    """What decode's commit costs a Llama-3-8B decode step, modelled from the commit kernel's
+    warp-instructions per page-head (K tile plus V tile, ``page_warp_instructions``). One tile
+    (a page of one KV head, K or V) runs as one program on one SM at 4 warp-instructions per
+    cycle at best; a layer launches K then V, each with pages x KV heads tiles in
+    ceil(tiles / SMs) waves. A step's time is reading the weights and the batch's packed KV
+    once at HBM bandwidth, spread evenly over the layers. A batch of B requests completes
+    B / G pages per step on average; the model takes a step that completes
+    max(1, round(B / G)) pages.
+
+    * in the pass, before attention (extend; decode before the commit moved): every layer
+      waits for its commit: layers x latency on the critical path;
+    * decode, after attention on a side stream: layer L's commit starts when layer L's
+      attention has run and the side stream is free; what the step waits for is the time the
+      side stream runs past the last layer (``side_stream_critical_pct``, simulated layer by
+      layer: the last layer's commit when a commit is shorter than a layer). While they run,
+      the commits hold ``side_stream_sm_share_pct`` of the GPU's SM-time; a decode step is
+      memory-bound, so that share is an upper bound on what they take from it, and
+      ``side_stream_bound_pct`` is the sum of the two.
+    """
+    tiles = [
+        r
+        for r in rows
+        if r["family"] == "commit" and r["preset"] == "k4v2_g128" and r["head_dim"] == 128
+    ]
+    if not tiles:
+        return None
+    dtype = "bf16" if any(r["dtype"] == "bf16" for r in tiles) else tiles[0]["dtype"]
+    page_wi = next(r["page_warp_instructions"] for r in tiles if r["dtype"] == dtype)
+    m, model = ISSUE_MODEL[capability], LLAMA3_8B
+    g, page_bytes = 128, 13824  # k4v2_g128, D 128: tokens and bytes of one page-head
+    page_s = page_wi / m["issue_per_cycle"] / m["clock_hz"]  # K launch + V launch, one wave
+    out = {
+        "model": model | {"context": DECODE_CONTEXT, "preset": "k4v2_g128", "dtype": dtype},
+        "page_head_warp_instructions": page_wi,
+        "commit_us_per_layer_one_wave": page_s * 1e6,
+    }
+    for batch in (32, 128, 256):
+        kv = batch * DECODE_CONTEXT / g * page_bytes * model["kv_heads"] * model["layers"]
+        step = (model["weight_bytes"] + kv) / m["hbm_bps"]
+        pages = max(1, round(batch / g))
+        layer_commit = page_s * -(-pages * model["kv_heads"] // m["sms"])
+        layer_time = step / model["layers"]
+        side_end = 0.0
+        for layer in range(model["layers"]):
+            side_end = max(side_end, (layer + 1) * layer_time) + layer_commit
+        exposed = side_end - step
+        sm_time = page_s * pages * model["kv_heads"] * model["layers"]
+        sm_share = 100 * sm_time / (m["sms"] * step)
+        out[f"batch_{batch}"] = {
+            "step_us": step * 1e6,
+            "pages_per_step": batch / g,
+            "pages_modelled": pages,
+            "commit_us_per_layer": layer_commit * 1e6,
+            "in_pass_critical_pct": 100 * layer_commit * model["layers"] / step,
+            "side_stream_critical_pct": 100 * exposed / step,
+            "side_stream_sm_share_pct": sm_share,
+            "side_stream_bound_pct": 100 * exposed / step + sm_share,
+        }
+    print(
+        f"\nDecode commit, Llama-3-8B at {DECODE_CONTEXT} tokens, k4v2_g128 {dtype}: "
+        f"{page_wi} warp-instructions per page-head"
+    )
+    print(
+        "| batch | step us | pages | commit us/layer | in-pass % of step | side-stream % "
+        "| SM share % | side-stream bound % |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for batch in (32, 128, 256):
+        r = out[f"batch_{batch}"]
+        print(
+            f"| {batch} | {r['step_us']:.0f} | {r['pages_modelled']} "
+            f"| {r['commit_us_per_layer']:.1f} | {r['in_pass_critical_pct']:.1f} "
+            f"| {r['side_stream_critical_pct']:.2f} | {r['side_stream_sm_share_pct']:.2f} "
+            f"| {r['side_stream_bound_pct']:.2f} |"
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="90,80", help="compute capabilities")
@@ -356,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="fp16,bf16")
     parser.add_argument("--quick", action="store_true", help="k4v2_g128, D 128, GQA 4, fp16")
     parser.add_argument("--output-dir", default=str(RESULTS))
-    parser.add_argument("--json", default=None, help="with --quick: write the rows here")
+    parser.add_argument(
+        "--json", default=None, help="write the rows here (one arch) instead of --output-dir"
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("bench_kernel_static compiles for the GPU: unset TRITON_INTERPRET", file=sys.stderr)
@@ -376,10 +463,11 @@ def main(argv: list[str] | None = None) -> int:
             | {"warp_instructions_per_s": issue_rate(capability)},
             "rows": rows,
         }
-        out = (
-            args.json
-            if args.quick
-            else Path(args.output_dir) / f"kernel_static_sm{capability}.json"
+        model = commit_decode_model(rows, capability)
+        if model:
+            body["commit_decode_model"] = model
+        out = args.json or (
+            None if args.quick else Path(args.output_dir) / f"kernel_static_sm{capability}.json"
         )
         write_result(str(out) if out else None, result_header(argv, "cpu"), body)
     return 0
