@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: one command for a machine with a CUDA GPU, torch and Triton (no SGLang, no
-# network; e.g. torch 2.11 + Triton 3.6). In about 8 minutes (at most 10) it
+# network; e.g. torch 2.11 + Triton 3.6). In about 8 minutes (the step limits add to 11) it
 #   1. runs the kernel tests on CUDA against the reference (the inline-asm paths included);
 #   2. times decode (contexts 4K/32K/128K, batch 1/32/128, GQA 4/8) against fp16-paged,
 #      fp8-paged and SDPA (benchmarks/bench_decode.py);
