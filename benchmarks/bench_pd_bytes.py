@@ -74,11 +74,16 @@ def measure(cache: str, lengths: list[int], seed: int, logs: Path) -> list[dict]
 
 
 def summarize(results: dict[str, list[dict]]) -> dict:
-    """Per cache: the slope past the sink (bytes per token) and ratios to fp16."""
+    """Per cache: the slope past the sink (bytes per token) and ratios to fp16. The slope is
+    taken between the two longest prompts of whole pages (a partial last page moves as an
+    fp16 slot, which a slope across it would count)."""
     fp16 = {r["tokens"]: r["bytes"] for r in results.get("fp16", [])}
     out = {}
     for cache, rows in results.items():
-        a, b = sorted(rows, key=lambda r: r["tokens"])[-2:]
+        whole = [r for r in rows if r["tokens"] % SMOLLM2["page_size"] == 0]
+        if len(whole) < 2:
+            raise ValueError("--tokens needs two prompt lengths that are multiples of 128")
+        a, b = sorted(whole, key=lambda r: r["tokens"])[-2:]
         slope = (b["bytes"] - a["bytes"]) / (b["tokens"] - a["tokens"])
         entry = {"bytes_per_token_past_sink": slope}
         if cache != "fp16":
@@ -150,6 +155,8 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 def main(argv=None) -> int:
     args = _parse(argv)
     lengths = [int(x) for x in args.tokens.split(",")]
+    if sum(n % SMOLLM2["page_size"] == 0 for n in lengths) < 2:
+        raise SystemExit("--tokens needs two prompt lengths that are multiples of 128")
     logs = Path(tempfile.mkdtemp(prefix="bench_pd_bytes_"))
     results = {c: measure(c, lengths, args.seed, logs) for c in args.caches.split(",")}
     summary = summarize(results)
