@@ -64,11 +64,11 @@ def _extend_kernel(
     blk_ptr,  # [num_blocks, 5] int64: request, page index, first query position, prefix, end
     row0_ptr,  # [B] int64: row of each request's first new token
     sign_ptr, out_ptr,  # Hadamard signs fp16 [D, D]; out [T, Hq, D] fp32
-    qk_scale, inv_sqrt_d, sink_pages,
+    qk_scale, inv_sqrt_d, sink_pages, window_left,
     kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, BM: tl.constexpr, FB: tl.constexpr,
-    DT: tl.constexpr, OP: tl.constexpr, ASM: tl.constexpr,
+    DT: tl.constexpr, OP: tl.constexpr, ASM: tl.constexpr, WINDOW: tl.constexpr = False,
 ):  # fmt: skip
     blk = tl.program_id(0)
     head = tl.program_id(1)
@@ -96,12 +96,17 @@ def _extend_kernel(
     l_i = tl.zeros((BM,), tl.float32)
     a0, a1, a2, a3 = zero_quarters(Q, BM)
     sinks = tl.minimum(sink_pages, j)
-    for jj in range(sinks, j):  # earlier pages, packed
+    # A sliding window (WINDOW): query q reads keys >= q - window_left; pages wholly before
+    # the block's first query's window are not read.
+    key_lo = q_pos - window_left
+    first_page = tl.maximum(pos0 - window_left, 0) // G if WINDOW else 0
+    for jj in range(tl.maximum(sinks, first_page), j):  # earlier pages, packed
         page = tl.load(table_ptr + b * stride_tb + jj)
         m_i, l_i, a0, a1, a2, a3 = packed_page_step(
             q0, q1, q2, q3, pk_u8_ptr, pk_f16_ptr, page * stride_pp + kvh * stride_ph,
             kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
             m_i, l_i, a0, a1, a2, a3, qk_scale, G, D, K_BITS, V_BITS, DT, OP, ASM, D > 128,
+            key_lo - jj * G, WINDOW,
         )  # fmt: skip
 
     qp = tl.load(q_ptr + (q_rows * HQ + head)[None, :] * D + ch[:, None], mask=qm, other=0.0)
@@ -113,7 +118,7 @@ def _extend_kernel(
     # Blocks of FB keys: the sink pages (fp16 slots), then the own page, causally: positions
     # before the prefix length from its slot, newer ones from k_new/v_new. Block 0 of the own
     # page holds a key every query sees, so no query's maximum stays -inf.
-    for i in range((sinks + 1) * NB):
+    for i in range(tl.minimum(first_page, sinks) * NB, (sinks + 1) * NB):
         if i < sinks * NB:
             jj = i // NB
             slot = tl.load(page_slot_ptr + tl.load(table_ptr + b * stride_tb + jj))
@@ -128,13 +133,15 @@ def _extend_kernel(
         k = tl.load(sk_ptr + s_row + ch[None, :], mask=from_slot[:, None], other=0.0).to(tl.float32)
         k += tl.load(kn_ptr + n_row + ch[None, :], mask=from_new[:, None], other=0.0).to(tl.float32)
         causal = (k_pos[:, None] <= q_pos[None, :]) & (from_slot | from_new)[:, None]
+        if WINDOW:
+            causal = causal & (k_pos[:, None] >= key_lo[None, :])
         # Each position comes from one source; the other load is masked to zero.
         v0, v1, v2, v3 = load_value_quarters(sv_ptr + s_row + cq[None, :], from_slot[:, None], Q)
         w0, w1, w2, w3 = load_value_quarters(vn_ptr + n_row + cq[None, :], from_new[:, None], Q)
         m_i, l_i, c0, c1, c2, c3, alpha = fp16_page_step(
             qp, round_to(k, DT, OP), _sum(v0, w0, DT, OP), _sum(v1, w1, DT, OP),
             _sum(v2, w2, DT, OP), _sum(v3, w3, DT, OP), causal, m_i, l_i, c0, c1, c2, c3,
-            qk_scale, DT, OP,
+            qk_scale, DT, OP, WINDOW,
         )  # fmt: skip
         a0, a1, a2, a3 = rescale_quarters(a0, a1, a2, a3, alpha)
 
@@ -179,6 +186,8 @@ def extend_attention(
     extend_lens: torch.Tensor,
     config: KVarNConfig,
     sm_scale: float,
+    *,
+    window_left: int | None = None,
 ) -> torch.Tensor:
     """Decode-consistent extend attention (Triton twin of ``ref_extend_attention``).
 
@@ -188,9 +197,13 @@ def extend_attention(
         cache: the paged store; pages that became full in this extend must be committed, a
             partial prefix page and the sink pages must have fp16 slots.
         page_table: ``int [B, max_pages]``; prefix_lens, extend_lens: ``int [B]``.
+        window_left: a sliding window: a query at p reads keys ``>= p - window_left`` only
+            (``LayerAttention.window_left``; compiled as its own variant). None: full.
     Returns:
         ``[T, Hq, D]`` in q's dtype.
     """
+    if window_left is not None and window_left < 0:
+        raise ValueError(f"Unsupported window_left {window_left}: expected >= 0 or None")
     t, hq, d, hkv = check_paged_inputs(q, cache, page_table, config)
     b = page_table.shape[0]
     for name, x in (("k_new", k_new), ("v_new", v_new)):
@@ -229,10 +242,10 @@ def extend_attention(
         sk, sv, sk.stride(0), sk.stride(1), sk.stride(2),
         cache.page_slot, page_table, page_table.stride(0),
         blk, row0, hadamard_signs(d, q.device), out,
-        sm_scale * LOG2E, d**-0.5, config.sink_pages,
+        sm_scale * LOG2E, d**-0.5, config.sink_pages, window_left or 0,
         *record_offsets(config.layout),
         HQ=hq, G=g, D=d, GROUP=hq // hkv, K_BITS=config.k_bits, V_BITS=config.v_bits,
         BM=block_rows(d), FB=FP16_BLOCK, DT=dt, OP=op, ASM=compiled(_extend_kernel),
-        num_warps=4, num_stages=2,
+        WINDOW=window_left is not None, num_warps=4, num_stages=2,
     )  # fmt: skip
     return out.to(q.dtype)
