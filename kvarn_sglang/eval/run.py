@@ -41,8 +41,9 @@ from kvarn_sglang.eval.attention import (
 from kvarn_sglang.eval.cache import greedy_generate
 from kvarn_sglang.eval.metrics import ErrorCurve, first_divergence, log_probs, token_metrics
 from kvarn_sglang.eval.quant_error import dequantized_read
-from kvarn_sglang.quant.baselines import PageMethod, get_method
+from kvarn_sglang.quant.baselines import PageMethod
 from kvarn_sglang.quant.page_attention import LayerAttention
+from kvarn_sglang.quant.variants import parse_variant
 
 GEN_MODES = ("forced", "incremental")
 # Tokens compared with the model's own forward before a run (at least; two of the longest
@@ -132,15 +133,15 @@ class _Reference:
 def build_methods(
     names: Sequence[str | PageMethod], head_dim: int, page_size: int
 ) -> list[PageMethod]:
-    """``get_method`` for every name (a ``PageMethod`` is taken as is); raises ``ValueError``
-    on the first unknown name."""
+    """``parse_variant`` for every name (any ``get_method`` name, a preset with ``+`` knobs, or
+    ``layers:A/B/...`` cycled over layers; a ``PageMethod`` is taken as is); raises
+    ``ValueError`` on the first unknown name."""
     if not names:
         raise ValueError(
             "No methods given: expected a comma-separated list such as kivi2,k2v2_g128"
         )
     return [
-        n if isinstance(n, PageMethod) else get_method(n, head_dim=head_dim, page_size=page_size)
-        for n in names
+        n if isinstance(n, PageMethod) else parse_variant(n, head_dim, page_size) for n in names
     ]
 
 
