@@ -55,14 +55,14 @@ def _decode_inputs(cfg, group: int, dtype):
     return q, cache, table, lens
 
 
-def run_decode(cfg, group: int, dtype) -> None:
+def run_decode(cfg, group: int, dtype, window: int | None = None) -> None:
     from kvarn_sglang.kernels.decode import decode_attention
 
     q, cache, table, lens = _decode_inputs(cfg, group, dtype)
-    decode_attention(q, cache, table, lens, cfg, cfg.head_dim**-0.5)
+    decode_attention(q, cache, table, lens, cfg, cfg.head_dim**-0.5, window_left=window)
 
 
-def run_extend(cfg, group: int, dtype) -> None:
+def run_extend(cfg, group: int, dtype, window: int | None = None) -> None:
     import torch
 
     from kvarn_sglang.kernels.extend import extend_attention
@@ -73,10 +73,12 @@ def run_extend(cfg, group: int, dtype) -> None:
     t = int(ext.sum())
     q = torch.randn(t, q.shape[1], cfg.head_dim, dtype=dtype)
     kn = torch.randn(t, 2, cfg.head_dim, dtype=dtype)
-    extend_attention(q, kn, kn.clone(), cache, table, pre, ext, cfg, cfg.head_dim**-0.5)
+    extend_attention(
+        q, kn, kn.clone(), cache, table, pre, ext, cfg, cfg.head_dim**-0.5, window_left=window
+    )
 
 
-def run_commit(cfg, group: int, dtype) -> None:
+def run_commit(cfg, group: int, dtype, window: int | None = None) -> None:
     import torch
 
     from kvarn_sglang.kernels.commit import commit_pages
@@ -161,8 +163,10 @@ def sweep(args, capability: int) -> list[dict]:
                     for dname in args.dtypes.split(","):
                         cfg = get_preset(preset, head_dim=d)
                         config = {"preset": preset, "head_dim": d, "gqa": group, "dtype": dname}
+                        if args.window is not None and kind != "commit":
+                            config["window_left"] = args.window
                         with compile_for(capability) as cap:
-                            RUNNERS[kind](cfg, group, dtypes[dname])
+                            RUNNERS[kind](cfg, group, dtypes[dname], config.get("window_left"))
                         seen = set()
                         commit_wi = 0
                         for launch in cap.launches:
@@ -217,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="k4v2_g128, D 128, GQA 4, fp16")
     parser.add_argument("--output-dir", default=str(RESULTS))
     parser.add_argument("--json", default=None, help="with --quick: write the rows here")
+    parser.add_argument(
+        "--window", type=int, default=None,
+        help="compile the sliding-window variants of decode and extend (window_left)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("bench_kernel_static compiles for the GPU: unset TRITON_INTERPRET", file=sys.stderr)

@@ -12,7 +12,10 @@ one an fp16 slot. Per layer, ``forward_extend``/``forward_decode``
 3. commit the pages completed in this pass (quantize once, per layer), so later tokens of
    the same pass read them quantized, as decode-consistent semantics require;
 4. run attention: the Triton kernels on CUDA, the torch reference elsewhere (the same
-   semantics; the kernels are tested against it).
+   semantics; the kernels are tested against it). A layer with a sliding window
+   (``RadixAttention.sliding_window_size``, Gemma 3) reads only the pages its queries' windows
+   reach and masks the boundary page; every layer still stores every page, because the window
+   is a mask over SGLang's one KV pool (its separate window pool is refused).
 
 The scheduled releases are applied when the next pass or allocation starts, after this pass
 has run (``pages`` draws a page's whole life).
@@ -29,6 +32,7 @@ from __future__ import annotations
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
+from kvarn_sglang.quant.page_attention import FULL, LayerAttention
 from kvarn_sglang.quant.reference import ref_decode_attention, ref_extend_attention
 from kvarn_sglang.serving.forward_plan import (
     CLEAN,
@@ -53,6 +57,11 @@ class KVarNAttnBackend(AttentionBackend):
     def __init__(self, model_runner) -> None:
         super().__init__()
         pool = model_runner.token_to_kv_pool
+        # A hybrid linear-attention model (Qwen3-Next): SGLang's HybridLinearKVPool holds the
+        # KVarN pool for the full-attention layers (numbered densely) beside its recurrent
+        # state pool, and its HybridLinearAttnBackend hands this backend those layers only.
+        self.layer_ids = getattr(pool, "full_attention_layer_id_mapping", None)
+        pool = getattr(pool, "full_kv_pool", pool)
         if not isinstance(pool, KVarNTokenToKVPool):
             raise ValueError(
                 f"Unsupported KV pool {type(pool).__name__}: --attention-backend kvarn needs "
@@ -62,6 +71,9 @@ class KVarNAttnBackend(AttentionBackend):
         if model is not None:  # the scheduler's model runner (tests may pass none)
             refuse_unsupported_layers(model)
         self.pool = pool
+        # What SGLang's wrappers (HybridLinearAttnBackend) read from the backend they wrap.
+        self.token_to_kv_pool = model_runner.token_to_kv_pool
+        self.req_to_token_pool = model_runner.req_to_token_pool
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.config = pool.kvarn_config
         self.plan: ForwardPlan | None = None
@@ -163,6 +175,19 @@ class KVarNAttnBackend(AttentionBackend):
         """Nothing to record: the static buffers are filled before every replay."""
 
     # ------------------------------------------------------------------ per layer
+    def local_layer(self, layer_id: int) -> int:
+        """The pool's index of model layer ``layer_id``."""
+        if self.layer_ids is not None:
+            return self.layer_ids[layer_id]
+        return layer_id - self.pool.start_layer
+
+    @staticmethod
+    def layer_attention(layer) -> LayerAttention:
+        """The window of a ``RadixAttention`` layer (soft-capping and sinks are refused at
+        startup, ``model_check`` and ``patches.server_args``)."""
+        window = getattr(layer, "sliding_window_size", None)
+        return FULL if window is None or window < 0 else LayerAttention(window_left=window)
+
     def write_kv(self, k, v, layer, forward_batch, save_kv_cache: bool = True):
         """Screen and store one layer's new ``k, v [N, Hkv, D]`` and commit the pages they
         complete (without attention); returns the pool's local layer index and the screened
@@ -170,9 +195,12 @@ class KVarNAttnBackend(AttentionBackend):
         if not save_kv_cache:
             raise ValueError("KVarN needs every K/V write through the pool (save_kv_cache=True)")
         store, plan = self.pool.store, self.plan
+        local = self.local_layer(layer.layer_id)
         k, v = screen(k, v, plan, layer.layer_id)
-        self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
-        local = layer.layer_id - self.pool.start_layer
+        pool_layer = local + self.pool.start_layer
+        self.pool.set_kv_buffer(
+            layer, forward_batch.out_cache_loc, k, v, layer_id_override=pool_layer
+        )
         # Screened: nothing non-finite reaches a commit, so the commit's own check (a host
         # synchronisation per layer on CUDA) is skipped.
         slot_pages = pages_to_commit(plan.slot_commits, plan.slot_commit_rows, plan)
@@ -198,12 +226,13 @@ class KVarNAttnBackend(AttentionBackend):
             self.config,
             layer.scaling,
         )
+        attn = self.layer_attention(layer)
         if self.pool.store.use_kernels:
             from kvarn_sglang.kernels.extend import extend_attention
 
-            out = extend_attention(*args)
+            out = extend_attention(*args, window_left=attn.window_left)
         else:
-            out = ref_extend_attention(*args)
+            out = ref_extend_attention(*args, attn=attn)
         return out.to(q.dtype).reshape(-1, hq * d)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kw):
@@ -219,12 +248,13 @@ class KVarNAttnBackend(AttentionBackend):
             self.config,
             layer.scaling,
         )
+        attn = self.layer_attention(layer)
         if self.pool.store.use_kernels:
             from kvarn_sglang.kernels.decode import decode_attention
 
-            out = decode_attention(*args)
+            out = decode_attention(*args, window_left=attn.window_left)
         else:
-            out = ref_decode_attention(*args)
+            out = ref_decode_attention(*args, attn=attn)
         return out.to(q.dtype).reshape(-1, hq * d)
 
 
