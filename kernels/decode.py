@@ -83,12 +83,12 @@ def _decode_split_kernel(
     # Pages before the one holding the window's first key are not read (WINDOW).
     if WINDOW:
         first_key = tl.maximum(n - 1 - window_left, 0)
-        first_page = first_key // G
-    else:
+        p_lo = tl.maximum(sinks, first_key // G)
+        f_lo = tl.minimum(first_key // G, sinks)
+    else:  # the windowless kernel compiles exactly as before
         first_key = 0
-        first_page = 0
-    p_lo = tl.maximum(sinks, first_page)
-    f_lo = tl.minimum(first_page, sinks)
+        p_lo = sinks
+        f_lo = 0
     # Packed pages [p_lo, own) and fp16 pages (sinks from f_lo, then the own page) are each
     # cut into SPLITS contiguous chunks; split s runs chunk s of both.
     per_split = tl.cdiv(own - p_lo, SPLITS)
@@ -120,7 +120,7 @@ def _decode_split_kernel(
             q0, q1, q2, q3, pk_u8_ptr, pk_f16_ptr, page * stride_pp + kvh * stride_ph,
             kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
             m_i, l_i, a0, a1, a2, a3, qk_scale, G, D, K_BITS, V_BITS, DT, OP, ASM, D > 128,
-            tl.full((BLOCK_H,), first_key - j * G, tl.int32), WINDOW,
+            first_key - j * G + tl.zeros((BLOCK_H,), tl.int32), WINDOW,
         )  # fmt: skip
 
     qp = tl.load(q_ptr + (b * HQ + heads)[None, :] * D + ch[:, None], mask=qm, other=0.0)

@@ -99,8 +99,13 @@ def _extend_kernel(
     # A sliding window (WINDOW): query q reads keys >= q - window_left; pages wholly before
     # the block's first query's window are not read.
     key_lo = q_pos - window_left
-    first_page = tl.maximum(pos0 - window_left, 0) // G if WINDOW else 0
-    for jj in range(tl.maximum(sinks, first_page), j):  # earlier pages, packed
+    if WINDOW:
+        p_lo = tl.maximum(sinks, tl.maximum(pos0 - window_left, 0) // G)
+        f_lo = tl.minimum(tl.maximum(pos0 - window_left, 0) // G, sinks)
+    else:  # the windowless kernel compiles exactly as before
+        p_lo = sinks
+        f_lo = 0
+    for jj in range(p_lo, j):  # earlier pages, packed
         page = tl.load(table_ptr + b * stride_tb + jj)
         m_i, l_i, a0, a1, a2, a3 = packed_page_step(
             q0, q1, q2, q3, pk_u8_ptr, pk_f16_ptr, page * stride_pp + kvh * stride_ph,
@@ -118,7 +123,7 @@ def _extend_kernel(
     # Blocks of FB keys: the sink pages (fp16 slots), then the own page, causally: positions
     # before the prefix length from its slot, newer ones from k_new/v_new. Block 0 of the own
     # page holds a key every query sees, so no query's maximum stays -inf.
-    for i in range(tl.minimum(first_page, sinks) * NB, (sinks + 1) * NB):
+    for i in range(f_lo * NB, (sinks + 1) * NB):
         if i < sinks * NB:
             jj = i // NB
             slot = tl.load(page_slot_ptr + tl.load(table_ptr + b * stride_tb + jj))

@@ -28,7 +28,7 @@ from kvarn_sglang.kernels.codes import load_quarters, quarter_magic, round_to
 # The score of a key outside a query's sliding window (log2 domain): finite, so a tile whose
 # keys a window hides entirely never makes the running maximum -inf (exp2(-inf - -inf) is NaN);
 # any visible key's score exceeds it by far more than 150, so exp2 of the gap is exactly 0.
-MASKED: tl.constexpr = -1.0e30
+MASKED = tl.constexpr(-1.0e30)
 
 
 @triton.jit
