@@ -80,7 +80,7 @@ _REFUSED_SIZES = [
 # Gated DeltaNet layers keep SGLang's recurrent state pool), verified end to end on the CPU
 # test bed (tests/test_server_models.py). Other hybrids (Mamba2: Nemotron-H, Falcon-H1; KDA:
 # Kimi Linear; Lightning: MiniMax; Qwen3.5, whose CPU operators the stand-in lacks) are refused.
-HYBRID_LINEAR_VERIFIED: frozenset[str] = frozenset()
+HYBRID_LINEAR_VERIFIED: frozenset[str] = frozenset({"Qwen3NextForCausalLM"})
 # Model dtypes whose KV the fp16/bf16 slot pool would silently round.
 _REFUSED_DTYPES = ("float", "float32")
 

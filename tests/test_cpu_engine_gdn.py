@@ -1,6 +1,7 @@
-"""The CPU test stand-in's Gated DeltaNet operators (``tests/cpu_engine/sgl_kernel/mamba.py``)
-against transformers' own torch implementations of Qwen3-Next's layers (the convolution and
-the recurrent gated delta rule): the stand-in must compute the model the eval computes."""
+"""The CPU test stand-in's Gated DeltaNet operators (``tests/cpu_engine/sgl_kernel/mamba.py``,
+``triton_ops.py``) against transformers' own torch implementations of Qwen3-Next's layers (the
+convolution, the recurrent gated delta rule, the gated RMSNorm): the stand-in must compute the
+model the eval computes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ _PATH = Path(__file__).parent / "cpu_engine" / "sgl_kernel" / "mamba.py"
 _spec = importlib.util.spec_from_file_location("kvarn_test_gdn_ops", _PATH)
 ops = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ops)
+_OPS2 = importlib.util.spec_from_file_location("kvarn_test_ops2", _PATH.with_name("triton_ops.py"))
+_OPS2.loader.exec_module(importlib.util.module_from_spec(_OPS2))  # registers its operators
 
 H, HV, K, V, DIM, WIDTH = 2, 4, 32, 16, 24, 4
 LENS = [5, 70]  # the second crosses a 64-token chunk
@@ -110,6 +113,16 @@ def test_convolutions_are_transformers_and_hand_over_their_state():
     whole = torch.cat([x[:, LENS[0] : sum(LENS)], x[:, -1:]], 1)
     ref = hf.causal_conv1d_fn(whole[None], weight, bias, activation="silu")[0, :, -1]
     torch.testing.assert_close(step[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gated_rmsnorm_is_transformers():
+    gen = _gen(3)
+    norm = hf.Qwen3NextRMSNormGated(V, eps=1e-6)
+    torch.nn.init.normal_(norm.weight, generator=gen)
+    x, g = torch.randn(7, HV, V, generator=gen), torch.randn(7, HV, V, generator=gen)
+    ref = norm(x.reshape(-1, V), g.reshape(-1, V))
+    out = torch.ops.sgl_kernel.fused_rmsnorm_gated_cpu(x.reshape(-1, V), norm.weight, g, 1e-6)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
 
 
 if __name__ == "__main__":

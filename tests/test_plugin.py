@@ -264,7 +264,11 @@ REFUSAL_MATRIX = {
     "hybrid_swa_pool": ("model_config", {"is_hybrid_swa": True}, "--disable-hybrid-swa-memory"),
     "attention_sinks": ("model_config", {"has_attention_sinks": True}, "--kv-cache kvarn"),
     "mla": ("model_config", {"attention_arch": "MLA"}, "--kv-cache kvarn"),
-    "hybrid_linear": ("model_config", {"mamba": True}, "--kv-cache kvarn"),
+    "hybrid_linear": (
+        "model_config",
+        {"mamba": True, "hf_config": SimpleNamespace(architectures=["NemotronHForCausalLM"])},
+        "--kv-cache kvarn",
+    ),
     "encoder_decoder": ("model_config", {"is_encoder_decoder": True}, "--kv-cache kvarn"),
     "v_head_dim": ("model_config", {"v_head_dim": 64}, "--kv-cache kvarn"),
     "tp_splits_kv_heads": ("model_config", {"tp": 3}, "--tp-size"),
@@ -326,6 +330,16 @@ def test_sliding_windows_over_one_pool_are_accepted(prepare, model):
     sa = prepare("--kv-cache", "kvarn", *P128, model=model)
     sa.resolve_once()
     assert sa.attention_backend == "kvarn"
+
+
+def test_verified_hybrid_linear_model_is_accepted(monkeypatch):
+    """Qwen3-Next (Gated DeltaNet + full attention) serves with KVarN on its full-attention
+    layers (``tests/test_server_models.py``); other hybrids stay refused (row ``hybrid_linear``)."""
+    from sglang.srt.configs import hybrid_arch
+
+    monkeypatch.setattr(hybrid_arch, "mambaish_config", lambda mc: object())
+    qwen3_next = SimpleNamespace(architectures=["Qwen3NextForCausalLM"])
+    refuse_model(_model_config(hf_config=qwen3_next, head_dim=256, v_head_dim=256), tp_size=1)
 
 
 def test_memory_saver_is_accepted(prepare):

@@ -51,7 +51,10 @@ QWEN3_NEXT_KVARN = ServerSpec(
      "--max-total-tokens", "16384", "--disable-radix-cache", *COMMON),
 )  # fmt: skip
 # (spec, KV layers, KV heads, head_dim, the eval's method for the same preset)
-FAMILIES = {"gemma3": (GEMMA3_KVARN, 4, 2, 64, "k4v2_g64")}
+FAMILIES = {
+    "gemma3": (GEMMA3_KVARN, 4, 2, 64, "k4v2_g64"),
+    "qwen3_next": (QWEN3_NEXT_KVARN, 1, 2, 64, "k4v2_g64"),  # KV on the full layer only
+}
 WINDOWED = {"gemma3"}
 PREFIX_CACHED = {"gemma3"}
 

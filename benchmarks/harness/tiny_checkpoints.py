@@ -11,7 +11,8 @@ accuracy row on one shows consistency (KVarN against the same model's fp16 cache
   full KV pool for Gemma 3 (its separate sliding-window pool is off for this family), so the
   window is a mask over that pool.
 * ``qwen3_next``: ``Qwen3NextForCausalLM``, 4 layers (3 Gated DeltaNet linear-attention
-  layers, then one gated full-attention layer; dense MLPs), 4 query heads over 2 KV heads,
+  layers, then one gated full-attention layer; MoE MLPs of 2 experts, as SGLang builds every
+  Qwen3-Next layer sparse), 4 query heads over 2 KV heads,
   head_dim 64 on the full layer; the DeltaNet layers keep SGLang's recurrent state (its mamba
   pool), the full layer's K/V are what KVarN stores.
 """
@@ -88,7 +89,8 @@ def write_qwen3_next(path: str | Path, *, seed: int = 0) -> Path:
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
         linear_value_head_dim=32, linear_conv_kernel_dim=4,
         layer_types=["linear_attention"] * 3 + ["full_attention"], full_attention_interval=4,
-        mlp_only_layers=[0, 1, 2, 3], num_experts=2, num_experts_per_tok=1,
+        num_experts=2, num_experts_per_tok=1, moe_intermediate_size=128,
+        shared_expert_intermediate_size=128,
         max_position_embeddings=4096, architectures=["Qwen3NextForCausalLM"],
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
     )  # fmt: skip
