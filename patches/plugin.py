@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 def _hooks() -> list[tuple[str, object, str]]:
     """``(dotted target, hook, kind)`` of every KVarN hook."""
     from kvarn_sglang.patches import (
+        disaggregation,
+        hicache,
         internal_state,
         kv_cache_dtype,
         models_utils,
@@ -65,6 +67,8 @@ def _hooks() -> list[tuple[str, object, str]]:
             "BEFORE",
         ),
         (schedule_policy.ADD_ONE_REQ, schedule_policy.around_add_one_req, "AROUND"),
+        (hicache.INIT_HICACHE, hicache.before_init_hicache, "BEFORE"),
+        *disaggregation.hooks(),
     ]
 
 

@@ -29,6 +29,8 @@ schedules the slot releases; the captured layers then run the same code as eager
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
@@ -46,6 +48,8 @@ from kvarn_sglang.serving.model_check import refuse_unsupported_layers
 from kvarn_sglang.serving.pages import pass_pages
 from kvarn_sglang.serving.pool import KVarNTokenToKVPool
 from kvarn_sglang.serving.request_guard import pages_to_commit, screen
+
+logger = logging.getLogger(__name__)
 
 
 class KVarNAttnBackend(AttentionBackend):
@@ -82,6 +86,30 @@ class KVarNAttnBackend(AttentionBackend):
         self.graph_commit_rows: torch.Tensor | None = None
         self.graph_bad_layer: torch.Tensor | None = None
         self.graph_token_rows: torch.Tensor | None = None
+        if pool.store.use_kernels:
+            self.warm_up(_query_heads(model_runner))
+
+    def warm_up(self, num_q_heads: int | None) -> tuple[int, float] | None:
+        """Compile every kernel variant serving needs now, at startup (``kernels.warmup``),
+        and log how many and how long; without the model's query heads, Triton compiles each
+        at its first launch instead."""
+        if num_q_heads is None:
+            logger.warning("KVarN: query heads unknown; kernels compile at first use instead")
+            return None
+        from kvarn_sglang.kernels.warmup import warm_up
+
+        store = self.pool.store
+        n, seconds = warm_up(
+            self.config, num_q_heads, store.packed[0].shape[1], store.slot_k[0].dtype,
+            store.packed[0].device,
+        )  # fmt: skip
+        logger.info(
+            "KVarN: compiled %d kernel variants (decode, extend, commit) in %.1f s at startup; "
+            "serving compiles none",
+            n,
+            seconds,
+        )
+        return n, seconds
 
     # ------------------------------------------------------------------ eager metadata
     def init_forward_metadata(self, forward_batch) -> None:
@@ -196,6 +224,9 @@ class KVarNAttnBackend(AttentionBackend):
             raise ValueError("KVarN needs every K/V write through the pool (save_kv_cache=True)")
         store, plan = self.pool.store, self.plan
         local = self.local_layer(layer.layer_id)
+        # Pages loaded back from host memory (HiCache) arrive layer by layer: this layer's
+        # must have landed before it commits or reads anything.
+        self.pool.wait_for_layer(local)
         k, v = screen(k, v, plan, layer.layer_id)
         pool_layer = local + self.pool.start_layer
         self.pool.set_kv_buffer(
@@ -227,10 +258,15 @@ class KVarNAttnBackend(AttentionBackend):
             layer.scaling,
         )
         attn = self.layer_attention(layer)
-        if self.pool.store.use_kernels:
+        # The extend kernel takes no sliding window yet (main's rewritten kernel): a windowed
+        # layer's prefill runs the torch reference, on the GPU too (correct, not fast).
+        if self.pool.store.use_kernels and attn.window_left is None:
             from kvarn_sglang.kernels.extend import extend_attention
 
-            out = extend_attention(*args, window_left=attn.window_left)
+            # The pass's block table, made once from host lengths: no per-layer read-back.
+            out = extend_attention(
+                *args, blocks=self.plan.extend_blocks_for(self.config, hq // hkv)
+            )
         else:
             out = ref_extend_attention(*args, attn=attn)
         return out.to(q.dtype).reshape(-1, hq * d)
@@ -256,6 +292,18 @@ class KVarNAttnBackend(AttentionBackend):
         else:
             out = ref_decode_attention(*args, attn=attn)
         return out.to(q.dtype).reshape(-1, hq * d)
+
+
+def _query_heads(model_runner) -> int | None:
+    """Query heads of one attention tensor-parallel rank, as SGLang's Triton backend counts
+    them; None when the runner has no model config (tests)."""
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        heads = model_runner.model_config.get_max_num_attention_heads()
+        return heads // get_parallel().attn_tp_size
+    except Exception:  # a runner without a model config or parallel context (tests)
+        return None
 
 
 def create_kvarn_backend(model_runner) -> KVarNAttnBackend:
