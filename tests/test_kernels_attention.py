@@ -167,11 +167,10 @@ def test_extend_matches_reference(d, bits, group, sink):
     torch.testing.assert_close(out.float().cpu(), ref, atol=ATOL, rtol=RTOL)
 
 
-def test_windowed_extend_reference_reads_no_page_before_the_windows():
+def test_extend_honours_sliding_windows_without_reading_older_pages():
     """Window 38 (``window_left`` 37) over G = 64: the sink page is skipped (and poisoned),
-    page 1 is packed and masked per query. The extend kernel takes no window (since the
-    rewritten kernel from main), so a windowed layer's prefill runs this reference on every
-    device (``KVarNAttnBackend.forward_extend``); the windowed decode kernel is tested above."""
+    page 1 is packed and masked per query, and late queries of page 2 see nothing of page 1
+    nor of their own page's first block (the finite mask's erase path)."""
     from kvarn_sglang.quant.page_attention import LayerAttention
 
     cfg, window_left = _config(64, 4, 2, 1), 37
@@ -183,6 +182,15 @@ def test_windowed_extend_reference_reads_no_page_before_the_windows():
     assert not torch.allclose(ref, ref_extend_attention(*args), atol=ATOL, rtol=RTOL)
     _poison_pages_before_windows(cache, table, pres + 1, window_left, G)
     assert torch.equal(ref_extend_attention(*args, attn), ref)
+    dev = device()
+    dc = PagedKVCache(
+        *(t.to(dev) for t in (cache.packed, cache.slot_k, cache.slot_v, cache.page_slot))
+    )
+    out = extend_attention(
+        q.to(dev), k.to(dev), v.to(dev), dc, table.to(dev), pres, exts, cfg, 0.125,
+        window_left=window_left,
+    )  # fmt: skip
+    torch.testing.assert_close(out.float().cpu(), ref, atol=ATOL, rtol=RTOL)
 
 
 def test_extend_cache_hit_equals_cold_prefill_and_decode():

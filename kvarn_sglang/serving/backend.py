@@ -258,15 +258,14 @@ class KVarNAttnBackend(AttentionBackend):
             layer.scaling,
         )
         attn = self.layer_attention(layer)
-        # The extend kernel takes no sliding window yet (main's rewritten kernel): a windowed
-        # layer's prefill runs the torch reference, on the GPU too (correct, not fast).
-        if self.pool.store.use_kernels and attn.window_left is None:
+        if self.pool.store.use_kernels:
             from kvarn_sglang.kernels.extend import extend_attention
 
             # The pass's block table, made once from host lengths: no per-layer read-back.
             out = extend_attention(
-                *args, blocks=self.plan.extend_blocks_for(self.config, hq // hkv)
-            )
+                *args, blocks=self.plan.extend_blocks_for(self.config, hq // hkv),
+                window_left=attn.window_left,
+            )  # fmt: skip
         else:
             out = ref_extend_attention(*args, attn=attn)
         return out.to(q.dtype).reshape(-1, hq * d)
