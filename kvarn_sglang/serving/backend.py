@@ -87,9 +87,9 @@ class KVarNAttnBackend(AttentionBackend):
         self.graph_bad_layer: torch.Tensor | None = None
         self.graph_token_rows: torch.Tensor | None = None
         if pool.store.use_kernels:
-            self.warm_up(_query_heads(model_runner))
+            self.warm_up(_query_heads(model_runner), _has_windows(model_runner))
 
-    def warm_up(self, num_q_heads: int | None) -> tuple[int, float] | None:
+    def warm_up(self, num_q_heads: int | None, windowed: bool = False) -> tuple[int, float] | None:
         """Compile every kernel variant serving needs now, at startup (``kernels.warmup``),
         and log how many and how long; without the model's query heads, Triton compiles each
         at its first launch instead."""
@@ -101,7 +101,7 @@ class KVarNAttnBackend(AttentionBackend):
         store = self.pool.store
         n, seconds = warm_up(
             self.config, num_q_heads, store.packed[0].shape[1], store.slot_k[0].dtype,
-            store.packed[0].device,
+            store.packed[0].device, windowed,
         )  # fmt: skip
         logger.info(
             "KVarN: compiled %d kernel variants (decode, extend, commit) in %.1f s at startup; "
@@ -303,6 +303,16 @@ def _query_heads(model_runner) -> int | None:
         return heads // get_parallel().attn_tp_size
     except Exception:  # a runner without a model config or parallel context (tests)
         return None
+
+
+def _has_windows(model_runner) -> bool:
+    """Whether any attention layer of the runner's model has a sliding window
+    (``RadixAttention.sliding_window_size >= 0``; -1 or None: none)."""
+    model = getattr(model_runner, "model", None)
+    if model is None or not hasattr(model, "modules"):
+        return False
+    sizes = (getattr(m, "sliding_window_size", None) for m in model.modules())
+    return any(s is not None and s >= 0 for s in sizes)
 
 
 def create_kvarn_backend(model_runner) -> KVarNAttnBackend:
