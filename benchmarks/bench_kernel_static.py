@@ -53,8 +53,8 @@ PRESETS = ("k4v2_g128", "k4v4_g128", "k2v2_g128", "k4v2_g128_plus", "k2v2_g128_p
 MARKERS = {"packed": {"packed_page_step"}, "fp16": {"fp16_page_step"}}
 # Prefill loops by the source line of their ``for``: (kernel, path) -> key.
 PREFILL_LOOPS = {
-    ("_extend_kernel", "packed"): "for jj in range(sinks, j)",
-    ("_extend_kernel", "fp16"): "for i in range(sinks * NB",
+    ("_extend_kernel", "packed"): "for jj in range(p_lo, j)",
+    ("_extend_kernel", "fp16"): "for i in range(f_lo * NB",
     ("_fwd_kernel", "fp16_prefix"): "for start_n in range(0, prefix_end",
     ("_fwd_kernel", "fp16_extend"): "for start_n in range(extend_start",
 }
@@ -77,14 +77,14 @@ def _decode_inputs(cfg, group: int, dtype):
     return q, cache, table, lens
 
 
-def run_decode(cfg, group: int, dtype) -> None:
+def run_decode(cfg, group: int, dtype, window: int | None = None) -> None:
     from kvarn_sglang.kernels.decode import decode_attention
 
     q, cache, table, lens = _decode_inputs(cfg, group, dtype)
-    decode_attention(q, cache, table, lens, cfg, cfg.head_dim**-0.5)
+    decode_attention(q, cache, table, lens, cfg, cfg.head_dim**-0.5, window_left=window)
 
 
-def run_extend(cfg, group: int, dtype) -> None:
+def run_extend(cfg, group: int, dtype, window: int | None = None) -> None:
     import torch
 
     from kvarn_sglang.kernels.extend import extend_attention
@@ -95,7 +95,9 @@ def run_extend(cfg, group: int, dtype) -> None:
     t = int(ext.sum())
     q = torch.randn(t, q.shape[1], cfg.head_dim, dtype=dtype)
     kn = torch.randn(t, 2, cfg.head_dim, dtype=dtype)
-    extend_attention(q, kn, kn.clone(), cache, table, pre, ext, cfg, cfg.head_dim**-0.5)
+    extend_attention(
+        q, kn, kn.clone(), cache, table, pre, ext, cfg, cfg.head_dim**-0.5, window_left=window
+    )
 
 
 def run_commit(cfg, group: int, dtype) -> None:
@@ -264,8 +266,11 @@ def sweep(args, capability: int) -> list[dict]:
                         cfg = get_preset(preset, head_dim=d)
                         name = "fp16 pool" if kind == "sglang_extend" else preset
                         config = {"preset": name, "head_dim": d, "gqa": group, "dtype": dname}
+                        if args.window is not None and kind in ("decode", "extend"):
+                            config["window_left"] = args.window
                         with compile_for(capability) as cap:
-                            RUNNERS[kind](cfg, group, dtypes[dname])
+                            window = [config["window_left"]] if "window_left" in config else []
+                            RUNNERS[kind](cfg, group, dtypes[dname], *window)
                         seen = set()
                         commit_wi = 0
                         for launch in cap.launches:
@@ -444,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json", default=None, help="write the rows here (one arch) instead of --output-dir"
     )
+    parser.add_argument(
+        "--window", type=int, default=None,
+        help="compile the sliding-window variants of decode and extend (window_left)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("bench_kernel_static compiles for the GPU: unset TRITON_INTERPRET", file=sys.stderr)

@@ -20,6 +20,10 @@ log-sum-exp and rotates the packed part back on tensor cores: ``out = (acc_rot @
 acc_plain) / l``. The grid depends only on shapes (``max_splits``), never on sequence
 lengths, so the launch needs no host synchronisation and can be captured in a CUDA graph.
 
+With a sliding window (``window_left``; compiled as its own variant, ``WINDOW``) the splits
+share only the pages from the one holding the window's first key, and that page's earlier
+keys are masked.
+
 Reference: ``kvarn_sglang.quant.reference.ref_decode_attention``.
 """
 
@@ -58,18 +62,19 @@ FP16_BLOCK = 16
 
 # Shape-dependent integers are runtime values Triton does not specialize on, so one compiled
 # variant serves every batch, context and split count (``kernels.warmup`` compiles it at start).
-@triton.jit(do_not_specialize=["stride_tb", "splits"])
+@triton.jit(do_not_specialize=["stride_tb", "splits", "window_left"])
 def _decode_split_kernel(
     q_ptr, qr_ptr,  # [B, Hq, D] fp32 plain and rotated queries, contiguous
     pk_u8_ptr, pk_f16_ptr, stride_pp, stride_ph,  # packed records, strides in bytes
     sk_ptr, sv_ptr, stride_ss, stride_sg, stride_sh,  # fp16/bf16 slots [S, G, Hkv, D]
     page_slot_ptr, table_ptr, stride_tb, seq_lens_ptr,
     mid_m_ptr, mid_l_ptr, mid_ar_ptr, mid_ap_ptr,  # [B, Hq, S] and [B, Hq, S, D] fp32
-    qk_scale, sink_pages, splits,
+    qk_scale, sink_pages, splits, window_left,
     kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     DT: tl.constexpr, OP: tl.constexpr, ASM: tl.constexpr, FB: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -77,13 +82,22 @@ def _decode_split_kernel(
     n = tl.load(seq_lens_ptr + b).to(tl.int32)
     own = (n - 1) // G
     sinks = tl.minimum(sink_pages, own)
-    # Packed pages [sinks, own) and fp16 pages (sinks, then the own page) are each cut into
-    # ``splits`` contiguous chunks; split s runs chunk s of both.
-    per_split = tl.cdiv(own - sinks, splits)
-    p_start = sinks + split * per_split
+    # Pages before the one holding the window's first key are not read (WINDOW).
+    if WINDOW:
+        first_key = tl.maximum(n - 1 - window_left, 0)
+        p_lo = tl.maximum(sinks, first_key // G)
+        f_lo = tl.minimum(first_key // G, sinks)
+    else:  # the windowless kernel keeps the window's bounds out of its code
+        first_key = 0
+        p_lo = sinks
+        f_lo = 0
+    # Packed pages [p_lo, own) and fp16 pages (sinks from f_lo, then the own page) are each
+    # cut into ``splits`` contiguous chunks; split s runs chunk s of both.
+    per_split = tl.cdiv(own - p_lo, splits)
+    p_start = p_lo + split * per_split
     p_end = tl.minimum(p_start + per_split, own)
-    f_per = tl.cdiv(sinks + 1, splits)
-    f_start = split * f_per
+    f_per = tl.cdiv(sinks + 1 - f_lo, splits)
+    f_start = f_lo + split * f_per
     f_end = tl.minimum(f_start + f_per, sinks + 1)
 
     Q: tl.constexpr = D // 4
@@ -108,6 +122,7 @@ def _decode_split_kernel(
             q0, q1, q2, q3, pk_u8_ptr, pk_f16_ptr, page * stride_pp + kvh * stride_ph,
             kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
             m_i, l_i, a0, a1, a2, a3, qk_scale, G, D, K_BITS, V_BITS, DT, OP, ASM, D > 128,
+            first_key - j * G + tl.zeros((BLOCK_H,), tl.int32), WINDOW,
         )  # fmt: skip
 
     qp = tl.load(q_ptr + (b * HQ + heads)[None, :] * D + ch[:, None], mask=qm, other=0.0)
@@ -121,12 +136,14 @@ def _decode_split_kernel(
         slot = tl.load(page_slot_ptr + page)
         t = (i % NB) * FB + tb
         valid = t < n - j * G
+        if WINDOW:
+            valid = valid & (t >= first_key - j * G)
         kv_row = slot * stride_ss + t[:, None] * stride_sg + kvh * stride_sh
         k = tl.load(sk_ptr + kv_row + ch[None, :], mask=valid[:, None], other=0.0).to(OP)
         v0, v1, v2, v3 = load_value_quarters(sv_ptr + kv_row + cq[None, :], valid[:, None], Q)
         m_i, l_i, c0, c1, c2, c3, alpha = fp16_page_step(
             qp, k, v0.to(OP), v1.to(OP), v2.to(OP), v3.to(OP), valid[:, None],
-            m_i, l_i, c0, c1, c2, c3, qk_scale, DT, OP,
+            m_i, l_i, c0, c1, c2, c3, qk_scale, DT, OP, WINDOW,
         )  # fmt: skip
         a0, a1, a2, a3 = rescale_quarters(a0, a1, a2, a3, alpha)
 
@@ -203,6 +220,7 @@ def decode_attention(
     sm_scale: float,
     *,
     max_splits: int | None = None,
+    window_left: int | None = None,
 ) -> torch.Tensor:
     """Decode attention (Triton twin of ``ref_decode_attention``).
 
@@ -214,6 +232,9 @@ def decode_attention(
         seq_lens: ``int32/int64 [B]``, >= 1, the current token included.
         max_splits: split-KV programs per (request, KV head); defaults to a function of
             ``max_pages`` only, so the grid never depends on the data.
+        window_left: a sliding window (``LayerAttention.window_left``): the query reads keys
+            at positions ``>= n - 1 - window_left`` only; pages before the one holding the
+            first of them are not read. None for full attention.
     Returns:
         ``[B, Hq, D]`` in q's dtype.
     """
@@ -223,11 +244,15 @@ def decode_attention(
             f"Invalid shape of seq_lens: expected [{b}] int32/int64, got "
             f"{list(seq_lens.shape)} {seq_lens.dtype}"
         )
+    if window_left is not None and window_left < 0:
+        raise ValueError(f"Unsupported window_left {window_left}: expected >= 0 or None")
     splits = max_splits or default_splits(page_table.shape[1])
-    return _launch(q, cache, page_table, seq_lens, config, sm_scale, splits, cache.slot_k.dtype)
+    return _launch(
+        q, cache, page_table, seq_lens, config, sm_scale, splits, cache.slot_k.dtype, window_left
+    )
 
 
-def _launch(q, cache, page_table, seq_lens, config, sm_scale, splits, model_dtype):
+def _launch(q, cache, page_table, seq_lens, config, sm_scale, splits, model_dtype, window=None):
     """Both stages, inputs unchecked. The slots may hold any dtype Triton converts to
     ``model_dtype`` (fp16/bf16), which benchmarks use for an fp8 paged baseline of identical
     structure (every page in the fp16-page path)."""
@@ -249,12 +274,12 @@ def _launch(q, cache, page_table, seq_lens, config, sm_scale, splits, model_dtyp
         sk, sv, sk.stride(0), sk.stride(1), sk.stride(2),
         cache.page_slot, page_table, page_table.stride(0), seq_lens,
         mid_m, mid_l, mid_ar, mid_ap,
-        sm_scale * LOG2E, config.sink_pages, splits,
+        sm_scale * LOG2E, config.sink_pages, splits, 0 if window is None else window,
         *record_offsets(config.layout),
         HQ=hq, G=config.page_size, D=d, GROUP=group, BLOCK_H=block_h,
         K_BITS=config.k_bits, V_BITS=config.v_bits,
         DT=dt, OP=op, ASM=compiled(_decode_split_kernel), FB=FP16_BLOCK,
-        num_warps=SPLIT_WARPS, num_stages=SPLIT_STAGES,
+        WINDOW=window is not None, num_warps=SPLIT_WARPS, num_stages=SPLIT_STAGES,
     )  # fmt: skip
     out = torch.empty(b, hq, d, dtype=torch.float32, device=q.device)
     _decode_merge_kernel[(b, hkv)](

@@ -35,7 +35,7 @@ from kvarn_sglang.format.config import KVarNConfig
 from kvarn_sglang.format.numerics import PagedKVCache, hadamard_matrix
 from kvarn_sglang.kernels.codes import load_quarters, quarter_magic, round_to
 from kvarn_sglang.kernels.decode import LOG2E
-from kvarn_sglang.kernels.page_tiles import record_offsets
+from kvarn_sglang.kernels.page_tiles import MASKED, record_offsets
 from kvarn_sglang.kernels.validate import (
     INDEX_DTYPES,
     check_paged_inputs,
@@ -64,7 +64,7 @@ def _packed_keys(
     m_i, l_i, a0, a1, a2, a3, qk_scale,
     G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, K_BITS: tl.constexpr,
     V_BITS: tl.constexpr, DT: tl.constexpr, OP: tl.constexpr, ASM: tl.constexpr,
-    RELOAD: tl.constexpr,
+    RELOAD: tl.constexpr, key_lo, WINDOW: tl.constexpr,
 ):  # fmt: skip
     """Keys t0..t0+KB of the packed page record at byte ``rec``: rotated queries ``qr_i [BM,
     Q]``, accumulators ``a_i [BM, Q]`` (rotated domain), softmax state ``m_i, l_i [BM]``.
@@ -88,6 +88,8 @@ def _packed_keys(
     k3 = _dequant(k3, quarter_magic(3, K_BITS, DT), ks3[None, :], kz3[None, :], DT, OP)
     s = tl.dot(qr3, tl.trans(k3), s)
     s = s * (tl.load(f16_ptr + r16 + kn_off // 2 + tok).to(tl.float32) * qk_scale)[None, :]
+    if WINDOW:  # key_lo [BM]: each row's first visible key, relative to the page's first key
+        s = tl.where(tok[None, :] >= key_lo[:, None], s, MASKED)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -128,8 +130,10 @@ def packed_page_rows(
     m_i, l_i, a0, a1, a2, a3, qk_scale,
     G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, K_BITS: tl.constexpr,
     V_BITS: tl.constexpr, DT: tl.constexpr, OP: tl.constexpr, ASM: tl.constexpr,
+    key_lo, WINDOW: tl.constexpr,
 ):  # fmt: skip
-    """Attend the BM rows (rotated queries ``qr_i [BM, Q]``) to one packed page."""
+    """Attend the BM rows (rotated queries ``qr_i [BM, Q]``) to one packed page; with
+    ``WINDOW``, row r sees only the page's keys ``>= key_lo[r]``."""
     Q: tl.constexpr = D // 4
     r16 = rec // 2
     RELOAD: tl.constexpr = D > 128  # registers
@@ -142,6 +146,7 @@ def packed_page_rows(
             kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
             ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3, vn0, vn1, vn2, vn3,
             m_i, l_i, a0, a1, a2, a3, qk_scale, G, D, KB, K_BITS, V_BITS, DT, OP, ASM, RELOAD,
+            key_lo, WINDOW,
         )  # fmt: skip
     return m_i, l_i, a0, a1, a2, a3
 
@@ -192,7 +197,7 @@ def rotate_rows_back(a0, a1, a2, a3, sign_ptr, inv_sqrt_d, D: tl.constexpr):
 
 
 # The page table's width varies from pass to pass: not specialized on (one compiled variant).
-@triton.jit(do_not_specialize=["stride_tb"])
+@triton.jit(do_not_specialize=["stride_tb", "window_left"])
 def _extend_kernel(
     q_ptr, qr_ptr,  # [T, Hq, D] fp32, contiguous
     kn_ptr, vn_ptr, stride_nt, stride_nh,  # new K/V [T, Hkv, D]
@@ -202,12 +207,12 @@ def _extend_kernel(
     blk_ptr,  # [num_blocks, 5] int32: request, page index, first query position, prefix, end
     row0_ptr,  # [B] int32: row of each request's first new token
     sign_ptr, out_ptr,  # Hadamard signs fp16 [D, D]; out [T, Hq, D]
-    qk_scale, inv_sqrt_d, sink_pages,
+    qk_scale, inv_sqrt_d, sink_pages, window_left,
     kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, BM: tl.constexpr, TOK: tl.constexpr,
     KB: tl.constexpr, FB: tl.constexpr, DT: tl.constexpr, OP: tl.constexpr,
-    ASM: tl.constexpr,
+    ASM: tl.constexpr, WINDOW: tl.constexpr = False,
 ):  # fmt: skip
     blk = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -242,14 +247,24 @@ def _extend_kernel(
     a2 = tl.zeros((BM, Q), tl.float32)
     a3 = tl.zeros((BM, Q), tl.float32)
     sinks = tl.minimum(sink_pages, j)
-    for jj in range(sinks, j):  # earlier pages, packed
+    # A sliding window (WINDOW): query q reads keys >= q - window_left; pages wholly before
+    # the block's first query's window are not read.
+    key_lo = q_pos - window_left
+    if WINDOW:
+        p_lo = tl.maximum(sinks, tl.maximum(pos0 - window_left, 0) // G)
+        f_lo = tl.minimum(tl.maximum(pos0 - window_left, 0) // G, sinks)
+    else:  # the windowless kernel keeps the window's bounds out of its code
+        p_lo = sinks
+        f_lo = 0
+    for jj in range(p_lo, j):  # earlier pages, packed
         page = tl.load(table_ptr + b * stride_tb + jj)
         m_i, l_i, a0, a1, a2, a3 = packed_page_rows(
             qr0, qr1, qr2, qr3, pk_u8_ptr, pk_f16_ptr, page * stride_pp + kvh * stride_ph,
             kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
             m_i, l_i, a0, a1, a2, a3, qk_scale, G, D, KB, K_BITS, V_BITS, DT, OP, ASM,
+            key_lo - jj * G, WINDOW,
         )  # fmt: skip
-    if j > sinks:
+    if j > p_lo:
         a0, a1, a2, a3 = rotate_rows_back(a0, a1, a2, a3, sign_ptr, inv_sqrt_d, D)
     ch = tl.arange(0, D)
     qp = round_to(tl.load(q_ptr + q_row[:, None] + ch[None, :], mask=qm, other=0.0), DT, OP)
@@ -261,7 +276,7 @@ def _extend_kernel(
     # query, causally: positions before the prefix length from its slot, newer ones from
     # k_new/v_new. Block 0 of the own page holds a key every query sees, so no query's
     # maximum stays -inf.
-    for i in range(sinks * NB + (last - j * G) // FB + 1):
+    for i in range(f_lo * NB, sinks * NB + (last - j * G) // FB + 1):
         if i < sinks * NB:
             jj = i // NB
             kb = i % NB
@@ -280,6 +295,8 @@ def _extend_kernel(
         s = tl.dot(qp, tl.trans(k.to(OP))) * qk_scale
         causal = (k_pos[None, :] <= q_pos[:, None]) & (from_slot | from_new)[None, :]
         s = tl.where(causal, s, float("-inf"))
+        if WINDOW:  # finite: a block a row's window hides is erased by its first visible key
+            s = tl.where(causal & (k_pos[None, :] < key_lo[:, None]), MASKED, s)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -374,6 +391,7 @@ def extend_attention(
     sm_scale: float,
     *,
     blocks: ExtendBlocks | None = None,
+    window_left: int | None = None,
 ) -> torch.Tensor:
     """Decode-consistent extend attention (Triton twin of ``ref_extend_attention``).
 
@@ -385,6 +403,8 @@ def extend_attention(
         page_table: ``int [B, max_pages]``; prefix_lens, extend_lens: ``int [B]`` (host
             lists, or tensors: a device tensor costs a host synchronisation).
         blocks: the pass's ``extend_blocks`` (built once per pass); lengths then unused.
+        window_left: a sliding window (query q reads keys >= q - window_left, its own
+            compiled variant): pages wholly before a block's first window are not read.
     Returns:
         ``[T, Hq, D]`` in q's dtype.
     """
@@ -435,10 +455,11 @@ def extend_attention(
         sk, sv, sk.stride(0), sk.stride(1), sk.stride(2),
         cache.page_slot, page_table, page_table.stride(0),
         blocks.blocks, blocks.row0, hadamard_signs(d, q.device), out,
-        sm_scale * LOG2E, d**-0.5, config.sink_pages,
+        sm_scale * LOG2E, d**-0.5, config.sink_pages, 0 if window_left is None else window_left,
         *record_offsets(config.layout),
         HQ=hq, G=config.page_size, D=d, GROUP=group, K_BITS=config.k_bits,
         V_BITS=config.v_bits, BM=rows, TOK=tok, KB=kb, FB=fb, DT=dt, OP=op,
-        ASM=compiled(_extend_kernel), num_warps=warps, num_stages=1,
+        ASM=compiled(_extend_kernel), WINDOW=window_left is not None, num_warps=warps,
+        num_stages=1,
     )  # fmt: skip
     return out.to(q.dtype)

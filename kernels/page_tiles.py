@@ -25,6 +25,11 @@ import triton.language as tl
 from kvarn_sglang.format.layout import PageLayout
 from kvarn_sglang.kernels.codes import load_quarters, quarter_magic, round_to
 
+# The score of a key outside a query's sliding window (log2 domain): finite, so a tile whose
+# keys a window hides entirely never makes the running maximum -inf (exp2(-inf - -inf) is NaN);
+# any visible key's score exceeds it by far more than 150, so exp2 of the gap is exactly 0.
+MASKED = tl.constexpr(-1.0e30)
+
 
 @triton.jit
 def softmax_step(s, m_i, l_i):
@@ -78,13 +83,18 @@ def zero_quarters(Q: tl.constexpr, N: tl.constexpr):
 
 @triton.jit
 def fp16_page_step(qt, k, v0, v1, v2, v3, mask, m_i, l_i, c0, c1, c2, c3, qk_scale,
-                   DT: tl.constexpr, OP: tl.constexpr):  # fmt: skip
+                   DT: tl.constexpr, OP: tl.constexpr, WINDOW: tl.constexpr = False):  # fmt: skip
     """Attend queries ``qt [D, N]`` to keys ``k [T, D]`` and values (channel quarters
     ``v0..v3 [T, Q]``), all DT values held as OP, where ``mask`` (``[T, N]`` or broadcastable)
-    allows; every query must see at least one key. Accumulators ``c0..c3 [Q, N]``; the
-    packed ones are rescaled by the returned ``alpha``."""
+    allows; every query must see at least one key in its first block, unless ``WINDOW``:
+    then masked scores are ``MASKED`` (finite), so a block a query's window hides entirely
+    adds terms that its first visible key's rescaling (``alpha`` = 0) erases. Accumulators
+    ``c0..c3 [Q, N]``; the packed ones are rescaled by the returned ``alpha``."""
     s = tl.dot(k, qt) * qk_scale
-    s = tl.where(mask, s, float("-inf"))
+    if WINDOW:  # noqa: SIM108 (a constexpr branch)
+        s = tl.where(mask, s, MASKED)
+    else:
+        s = tl.where(mask, s, float("-inf"))
     p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
     p = round_to(p, DT, OP)
     c0 = c0 * alpha[None, :] + tl.dot(tl.trans(v0), p)
@@ -126,8 +136,10 @@ def rotate_back(a0, a1, a2, a3, sign_ptr, l_i, inv_sqrt_d, IDX: tl.constexpr, D:
 @triton.jit
 def _scores(k_ptr, qs0, qs1, qs2, qs3, bias, kn_ptr, qk_scale, T0: tl.constexpr,
             TB: tl.constexpr, D: tl.constexpr, K_BITS: tl.constexpr, DT: tl.constexpr,
-            OP: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
-    """Scores ``[TB, N]`` (log2 domain) of keys T0..T0+TB of a packed page."""
+            OP: tl.constexpr, ASM: tl.constexpr, key_lo, WINDOW: tl.constexpr):  # fmt: skip
+    """Scores ``[TB, N]`` (log2 domain) of keys T0..T0+TB of a packed page; with ``WINDOW``
+    the keys before ``key_lo [N]`` (each query's first key, as an index into the page) score
+    ``MASKED``."""
     Q: tl.constexpr = D // 4
     tok = T0 + tl.arange(0, TB)
     # K codes [G, D * K_BITS / 8] by token: quarter tiles [TB, Q], channels contiguous.
@@ -137,7 +149,10 @@ def _scores(k_ptr, qs0, qs1, qs2, qs3, bias, kn_ptr, qk_scale, T0: tl.constexpr,
     s = tl.dot(k1, qs1, s)
     s = tl.dot(k2, qs2, s)
     s = tl.dot(k3, qs3, s)
-    return s * (tl.load(kn_ptr + tok).to(tl.float32) * qk_scale)[:, None]
+    s = s * (tl.load(kn_ptr + tok).to(tl.float32) * qk_scale)[:, None]
+    if WINDOW:
+        s = tl.where(tok[:, None] >= key_lo[None, :], s, MASKED)
+    return s
 
 
 @triton.jit
@@ -173,12 +188,15 @@ def packed_page_step(
     m_i, l_i, a0, a1, a2, a3, qk_scale,
     G: tl.constexpr, D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     DT: tl.constexpr, OP: tl.constexpr, ASM: tl.constexpr, HALVES: tl.constexpr,
+    key_lo=0, WINDOW: tl.constexpr = False,
 ):  # fmt: skip
     """Attend N queries to the packed page record at byte ``rec``, everything transposed so
     that codes are the tensor-core A operand (rows = keys or channels, no padding) and the
     queries the (narrow) B operand: rotated queries ``q0..q3 [Q, N]`` (fp32, channel quarters),
     accumulators ``a0..a3 [Q, N]``, softmax state ``m_i, l_i [N]``. With ``HALVES`` the page's
-    keys are read in two blocks of G/2 (fewer live registers at head_dim 256)."""
+    keys are read in two blocks of G/2 (fewer live registers at head_dim 256). With ``WINDOW``
+    the keys before ``key_lo [N]`` (per query, an index into the page; <= 0 for none) are
+    outside the query's sliding window (``_scores``)."""
     Q: tl.constexpr = D // 4
     N: tl.constexpr = q0.shape[1]
     cq = tl.arange(0, Q)
@@ -215,11 +233,13 @@ def packed_page_step(
     if HALVES:
         TB: tl.constexpr = G // 2
         s = _scores(
-            k_ptr, qs0, qs1, qs2, qs3, bias, kn_ptr, qk_scale, 0, TB, D, K_BITS, DT, OP, ASM
-        )
+            k_ptr, qs0, qs1, qs2, qs3, bias, kn_ptr, qk_scale, 0, TB, D, K_BITS, DT, OP, ASM,
+            key_lo, WINDOW,
+        )  # fmt: skip
         s2 = _scores(
-            k_ptr, qs0, qs1, qs2, qs3, bias, kn_ptr, qk_scale, TB, TB, D, K_BITS, DT, OP, ASM
-        )
+            k_ptr, qs0, qs1, qs2, qs3, bias, kn_ptr, qk_scale, TB, TB, D, K_BITS, DT, OP, ASM,
+            key_lo, WINDOW,
+        )  # fmt: skip
         m_new = tl.maximum(m_i, tl.maximum(tl.max(s, axis=0), tl.max(s2, axis=0)))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
@@ -235,7 +255,10 @@ def packed_page_step(
         zv += zv2
         sv += sv2
     else:
-        s = _scores(k_ptr, qs0, qs1, qs2, qs3, bias, kn_ptr, qk_scale, 0, G, D, K_BITS, DT, OP, ASM)
+        s = _scores(
+            k_ptr, qs0, qs1, qs2, qs3, bias, kn_ptr, qk_scale, 0, G, D, K_BITS, DT, OP, ASM,
+            key_lo, WINDOW,
+        )  # fmt: skip
         p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
         pv0, pv1, pv2, pv3, zv, sv = _values(
             v_ptr, p, vs_ptr, vz_ptr, pv0, pv1, pv2, pv3, 0, G, D, V_BITS, DT, OP, ASM

@@ -32,10 +32,12 @@ def warm_up(
     num_kv_heads: int,
     dtype: torch.dtype,
     device: str | torch.device,
+    windowed: bool = False,
 ) -> tuple[int, float]:
     """Launch every kernel variant a server of this shape needs (``dtype``: the model's and
     the fp16 slots'). Returns ``(variants compiled, seconds)``; variants already compiled
-    (Triton's in-process cache) are not counted."""
+    (Triton's in-process cache) are not counted. ``windowed``: the model has sliding-window
+    layers, whose decode and extend are their own compiled variants."""
     g, d, hkv = config.page_size, config.head_dim, num_kv_heads
     compiled = []
     previous = triton.knobs.runtime.jit_cache_hook
@@ -59,6 +61,12 @@ def warm_up(
         blocks = extend_blocks([0], [g], config, num_q_heads // hkv, device)
         qs = torch.zeros(g, num_q_heads, d, dtype=dtype, device=device)
         extend_attention(qs, k, k, cache, table, [0], [g], config, 1.0, blocks=blocks)
+        if windowed:  # one variant whatever the window (window_left is not specialized)
+            lens = torch.tensor([g + 1], device=device)
+            decode_attention(q, cache, table, lens, config, 1.0, window_left=g)
+            extend_attention(
+                qs, k, k, cache, table, [0], [g], config, 1.0, blocks=blocks, window_left=g
+            )
         pages = torch.tensor([1], device=device)
         commit_pages(
             k[None], k[None], config, packed, pages, check_finite=False, skip_row0=True

@@ -26,6 +26,7 @@ RUN_BATCH = "sglang.srt.managers.scheduler.Scheduler.run_batch"
 
 def after_run_batch(result, self, batch, *args, **kwargs):
     pool = self.token_to_kv_pool_allocator.get_kvcache()
+    pool = getattr(pool, "full_kv_pool", pool)  # a hybrid linear-attention model's KVarN pool
     plan = getattr(pool, "pass_plan", None)
     if plan is None:  # not a KVarN pool, or no pass planned since the last one was read
         return result

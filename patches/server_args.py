@@ -14,8 +14,10 @@
   ``sglang.Engine(kv_cache_dtype="kvarn", ...)`` get the same settings and refusals (the
   Engine takes the default preset, or a ``ServerArgs`` from ``prepare_server_args``).
 * ``ServerArgs.resolve_once`` (AFTER): refuses unsupported models (needs the model config):
-  architectures, head dims, tensor-parallel splits of KV heads, and attention variants the
-  config declares (soft-capping, KV shared across layers, non-causal attention).
+  architectures, head dims, tensor-parallel splits of KV heads, SGLang's separate sliding-
+  window pool and learned sinks, and attention variants the config declares (soft-capping,
+  KV shared across layers, non-causal attention). Sliding windows over the one pool are
+  served (``KVarNAttnBackend`` honours each layer's window).
 
 Every refusal is a ``ValueError`` whose message names the flag to change.
 """
@@ -72,6 +74,11 @@ _REFUSED_SIZES = [
     ("attn_cp_size", "--attn-cp-size", "attention context parallelism"),
     ("attn_dp_size", "--attn-dp-size", "DP attention"),
 ]
+# Hybrid linear-attention architectures served with KVarN on their full-attention layers (the
+# Gated DeltaNet layers keep SGLang's recurrent state pool), verified end to end on the CPU
+# test bed (tests/test_server_models.py). Other hybrids (Mamba2: Nemotron-H, Falcon-H1; KDA:
+# Kimi Linear; Lightning: MiniMax; Qwen3.5, whose CPU operators the stand-in lacks) are refused.
+HYBRID_LINEAR_VERIFIED: frozenset[str] = frozenset({"Qwen3NextForCausalLM"})
 # Model dtypes whose KV the fp16/bf16 slot pool would silently round.
 _REFUSED_DTYPES = ("float", "float32")
 
@@ -293,11 +300,23 @@ def refuse_model(model_config, tp_size: int) -> None:
         raise ValueError(
             f"--kv-cache kvarn supports MHA/GQA models only (this one uses MLA): {serve}"
         )
-    if model_config.is_hybrid_swa or model_config.sliding_window_size is not None:
-        raise ValueError(f"--kv-cache kvarn does not support sliding-window attention: {serve}")
-    if mambaish_config(model_config) is not None:
+    # Sliding windows over SGLang's one KV pool (Gemma 3; Mistral's window SGLang ignores) are
+    # a mask KVarN attention honours per layer; SGLang's separate window pool is another pool.
+    if model_config.is_hybrid_swa:
         raise ValueError(
-            f"--kv-cache kvarn does not support hybrid linear-attention models: {serve}"
+            "--kv-cache kvarn does not support SGLang's separate sliding-window KV pool (hybrid "
+            "SWA memory): add --disable-hybrid-swa-memory (windows then mask one pool, as for "
+            f"Gemma 3) or {serve}"
+        )
+    if getattr(model_config, "has_attention_sinks", False):
+        raise ValueError(
+            f"--kv-cache kvarn does not support learned attention sinks (gpt-oss): {serve}"
+        )
+    arch = (getattr(model_config.hf_config, "architectures", None) or [None])[0]
+    if mambaish_config(model_config) is not None and arch not in HYBRID_LINEAR_VERIFIED:
+        raise ValueError(
+            f"--kv-cache kvarn supports the hybrid linear-attention models it was verified "
+            f"with ({', '.join(sorted(HYBRID_LINEAR_VERIFIED))}), not {arch}: {serve}"
         )
     if model_config.is_encoder_decoder:
         raise ValueError(f"--kv-cache kvarn does not support encoder-decoder models: {serve}")

@@ -82,11 +82,26 @@ def _write_fuzz_model(directory: Path) -> Path:
     return write_fuzz_model(directory / "fuzz_model")
 
 
+def _tiny_checkpoint(family: str) -> Callable[[Path], Path]:
+    """A writer of ``benchmarks.harness.tiny_checkpoints``' tiny ``family`` model."""
+
+    def write(directory: Path) -> Path:
+        from benchmarks.harness.tiny_checkpoints import WRITERS
+
+        return WRITERS[family](directory / f"tiny_{family}")
+
+    return write
+
+
 class ServerPool:
     """Servers of the test run by spec (see the module docstring)."""
 
     # Models built on first use, by name: ``fn(directory) -> model path``.
-    models: ClassVar[dict[str, Callable[[Path], Path]]] = {"fuzz_model": _write_fuzz_model}
+    models: ClassVar[dict[str, Callable[[Path], Path]]] = {
+        "fuzz_model": _write_fuzz_model,
+        "tiny_gemma3": _tiny_checkpoint("gemma3"),
+        "tiny_qwen3_next": _tiny_checkpoint("qwen3_next"),
+    }
 
     def __init__(self, directory: Path, max_alive: int = MAX_ALIVE) -> None:
         self.directory = directory

@@ -14,6 +14,7 @@ from kvarn_sglang.eval.attention import (
     paged_logits,
 )
 from kvarn_sglang.quant.baselines import get_method
+from kvarn_sglang.quant.page_attention import LayerAttention
 from kvarn_sglang.quant.reference import decode_consistent_attention
 
 G = 64  # page size of the tiny-model tests
@@ -62,6 +63,52 @@ def test_paged_attention_matches_decode_consistent_reference(head_dim, group, le
         scale,
     ).transpose(0, 1)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "attn",
+    [
+        LayerAttention(window_left=0),
+        LayerAttention(window_left=7),
+        LayerAttention(window_left=20),
+        LayerAttention(softcap=2.0),
+        LayerAttention(sinks=torch.tensor([-1.0, 0.5, 3.0, 0.0])),
+        LayerAttention(window_left=9, softcap=3.0, sinks=torch.tensor([1.0, 0.0, -2.0, 2.0])),
+    ],
+    ids=["window1", "window8", "window21", "softcap", "sinks", "all"],
+)
+@pytest.mark.parametrize("q_start", [0, 21, 37])
+def test_paged_attention_honours_windows_caps_and_sinks(attn, q_start):
+    g, hkv, d, n = 16, 2, 64, 53
+    gen = torch.Generator().manual_seed(q_start)
+    q = torch.randn(4, n - q_start, d, generator=gen) * 2
+    k_read, v_read = (torch.randn(hkv, n, d, generator=gen) for _ in range(2))
+    own_start = q_start // g * g
+    k_own, v_own = (torch.randn(hkv, n - own_start, d, generator=gen) for _ in range(2))
+    expected = decode_consistent_attention(
+        *(x.transpose(0, 1) for x in (q,)), torch.arange(q_start, n),
+        k_read.transpose(0, 1), v_read.transpose(0, 1), k_own.transpose(0, 1),
+        v_own.transpose(0, 1), own_start, g, 0.2, attn,
+    ).transpose(0, 1)  # fmt: skip
+    out = paged_attention(q, q_start, k_read, v_read, k_own, v_own, own_start, g, 0.2, attn=attn)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # pages wholly before the first query's window need not be there at all
+    skip = attn.first_key(q_start) // g * g
+    out = paged_attention(
+        q, q_start, k_read[:, skip:], v_read[:, skip:], k_own, v_own, own_start, g, 0.2,
+        attn=attn, read_start=skip,
+    )  # fmt: skip
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_attention_rejects_a_read_start_inside_the_window():
+    q, k = torch.randn(2, 4, 64), torch.randn(2, 40, 64)
+    with pytest.raises(ValueError, match="Unsupported read_start 16"):
+        paged_attention(q, 36, k, k, k[:, 32:], k[:, 32:], 32, 16, 1.0, read_start=16)
+    with pytest.raises(ValueError, match="Unsupported window_left -1"):
+        LayerAttention(window_left=-1)
+    with pytest.raises(ValueError, match=r"Invalid shape of sinks: expected \[2\]"):
+        paged_attention(q, 0, k, k, k, k, 0, 16, 1.0, attn=LayerAttention(sinks=torch.ones(3)))
 
 
 def test_paged_attention_reads_earlier_pages_stored_and_its_own_page_exact():
@@ -129,7 +176,7 @@ def test_model_attends_to_the_method_dequantization(model, ids, name):
     paged_logits(model, ids, method, observer=lambda *args: seen.append(args))
     assert [s[0] for s in seen] == [0, 1]
     t = ids.shape[1]
-    for _, q, k, v, out, scale in seen:
+    for _, q, k, v, out, scale, _attn in seen:
         # independent read view: pages 1..2 (full, past the sink) through the method
         kp = k[:, G : 3 * G].reshape(-1, 2, G, HEAD_DIM).permute(1, 2, 0, 3)  # [2, G, H, D]
         vp = v[:, G : 3 * G].reshape(-1, 2, G, HEAD_DIM).permute(1, 2, 0, 3)

@@ -121,7 +121,7 @@ def test_each_page_is_quantized_once_from_its_exact_values(model, ids):
         ids,
         method,
         [1] * T,
-        observer=lambda layer, q, k, v, o, s: exact[layer].append((k, v)),
+        observer=lambda layer, q, k, v, o, *_: exact[layer].append((k, v)),
     )
     # 2 layers x pages 1, 2; each call one page, made when its last token arrives
     assert len(method.calls) == 4 and all(c.shape[0] == 1 for c in method.calls)
@@ -136,7 +136,7 @@ def test_sink_page_stays_exact_and_later_pages_read_dequantized(model, ids):
     method = get_method("int4", head_dim=HEAD_DIM, page_size=G)
     exact = []
     _, cache = _incremental_logits(
-        model, ids, method, [T], observer=lambda layer, q, k, v, o, s: exact.append(k)
+        model, ids, method, [T], observer=lambda layer, q, k, v, o, *_: exact.append(k)
     )
     layer, k = cache.layers[0], exact[0]
     assert layer.read_k.shape[2] == 3 * G and layer.tail_k.shape[2] == T - 3 * G

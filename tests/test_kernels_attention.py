@@ -87,6 +87,41 @@ def test_decode_page_size_128_and_bf16_slots():
     torch.testing.assert_close(out.float().cpu(), ref, atol=3e-2, rtol=3e-2)
 
 
+def _poison_pages_before_windows(cache, table, lens, window_left, g):
+    """NaN into every page (record and fp16 slot) wholly before each request's window, so a
+    kernel or reference that reads one returns NaN."""
+    for b, n in enumerate(lens.tolist()):
+        for j in range(max(0, n - 1 - window_left) // g):
+            page = int(table[b, j])
+            cache.packed[page] = 255  # fp16 0xFFFF is NaN in every metadata field
+            if cache.page_slot[page] >= 0:
+                cache.slot_k[cache.page_slot[page]] = float("nan")
+
+
+@pytest.mark.parametrize(("window_left", "sink"), [(0, 0), (37, 1)])
+def test_decode_honours_sliding_windows_without_reading_older_pages(window_left, sink):
+    from kvarn_sglang.quant.page_attention import LayerAttention
+
+    cfg = _config(64, 4, 2, sink)
+    reqs, q, lens = _decode_batch(cfg, 4)
+    cache, table = build_cache(reqs, cfg)
+    attn = LayerAttention(window_left=window_left)
+    ref = ref_decode_attention(q, cache, table, lens, cfg, 0.125, attn)
+    _poison_pages_before_windows(cache, table, lens, window_left, G)
+    assert torch.equal(ref_decode_attention(q, cache, table, lens, cfg, 0.125, attn), ref)
+    dev = device()
+    dc = PagedKVCache(
+        *(t.to(dev) for t in (cache.packed, cache.slot_k, cache.slot_v, cache.page_slot))
+    )
+    out = decode_attention(
+        q.to(dev), dc, table.to(dev), lens.to(dev), cfg, 0.125, window_left=window_left
+    )
+    torch.testing.assert_close(out.float().cpu(), ref, atol=ATOL, rtol=RTOL)
+    if window_left < G:  # the window hides keys: not what full attention computes
+        full = ref_decode_attention(q, *build_cache(reqs, cfg), lens, cfg, 0.125)
+        assert (full[-1] - ref[-1]).abs().max() > 0.1
+
+
 def _extend_case(cfg, group, spans, hkv=2):
     g = cfg.page_size
     reqs, qs, ks, vs = [], [], [], []
@@ -129,6 +164,32 @@ def test_extend_matches_reference(d, bits, group, sink):
     dc, dt = build_cache(reqs, cfg, device=device())
     dev = device()
     out = extend_attention(q.to(dev), k.to(dev), v.to(dev), dc, dt, pres, exts, cfg, d**-0.5)
+    torch.testing.assert_close(out.float().cpu(), ref, atol=ATOL, rtol=RTOL)
+
+
+def test_extend_honours_sliding_windows_without_reading_older_pages():
+    """Window 38 (``window_left`` 37) over G = 64: the sink page is skipped (and poisoned),
+    page 1 is packed and masked per query, and late queries of page 2 see nothing of page 1
+    nor of their own page's first block (the finite mask's erase path)."""
+    from kvarn_sglang.quant.page_attention import LayerAttention
+
+    cfg, window_left = _config(64, 4, 2, 1), 37
+    reqs, q, k, v, pres, exts = _extend_case(cfg, 1, [(0, 2 * G + 3), (G + 20, 30)])
+    cache, table = build_cache(reqs, cfg)
+    attn = LayerAttention(window_left=window_left)
+    args = (q, k, v, cache, table, pres, exts, cfg, 0.125)
+    ref = ref_extend_attention(*args, attn)
+    assert not torch.allclose(ref, ref_extend_attention(*args), atol=ATOL, rtol=RTOL)
+    _poison_pages_before_windows(cache, table, pres + 1, window_left, G)
+    assert torch.equal(ref_extend_attention(*args, attn), ref)
+    dev = device()
+    dc = PagedKVCache(
+        *(t.to(dev) for t in (cache.packed, cache.slot_k, cache.slot_v, cache.page_slot))
+    )
+    out = extend_attention(
+        q.to(dev), k.to(dev), v.to(dev), dc, table.to(dev), pres, exts, cfg, 0.125,
+        window_left=window_left,
+    )  # fmt: skip
     torch.testing.assert_close(out.float().cpu(), ref, atol=ATOL, rtol=RTOL)
 
 

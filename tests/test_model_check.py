@@ -37,6 +37,11 @@ def test_decoder_layers_with_distinct_ids_are_accepted():
     refuse_unsupported_layers(_model(_attn(0), _attn(1), _attn(2)))
 
 
+def test_sliding_window_layers_are_accepted():
+    """The KVarN attention honours a layer's window (Gemma 3: 5 sliding layers per full one)."""
+    refuse_unsupported_layers(_model(_attn(0, sliding_window_size=511), _attn(1)))
+
+
 @pytest.mark.parametrize(
     "model, reason",
     [
@@ -44,13 +49,11 @@ def test_decoder_layers_with_distinct_ids_are_accepted():
         (_model(_attn(0, attn_type=AttentionType.ENCODER_ONLY)), "encoder_only attention"),
         (_model(_attn(0, attn_type=AttentionType.DECODER_BIDIRECTIONAL)), "bidirectional"),
         (_model(_attn(0, is_cross_attention=True)), "cross-attention"),
-        (_model(_attn(0, sliding_window_size=4096)), "sliding-window"),
         (_model(_attn(0, use_irope=True)), "chunked local attention"),
         (_model(_attn(0), _attn(1), _attn(1)), "KV shared across layers"),
         (_model(_attn(1), SharedKVLayer()), "KV shared across layers"),
     ],
-    ids=["softcap", "encoder_only", "bidirectional", "cross", "sliding", "irope", "same_id",
-         "shared_layer"],
+    ids=["softcap", "encoder_only", "bidirectional", "cross", "irope", "same_id", "shared_layer"],
 )  # fmt: skip
 def test_refuse_unsupported_layers_rejects_what_kvarn_attention_does_not_implement(model, reason):
     with pytest.raises(ValueError, match=reason) as refused:

@@ -21,7 +21,7 @@ def prepare(tmp_path_factory):
     """``prepare_server_args`` with the plugin loaded through SGLang's own entry points."""
     from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import prepare_server_args
-    from transformers import LlamaConfig, MistralConfig
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig
 
     load_plugins()
     models = {}
@@ -30,6 +30,13 @@ def prepare(tmp_path_factory):
         "llama": LlamaConfig(head_dim=128, architectures=["LlamaForCausalLM"]),
         "llama_hd80": LlamaConfig(head_dim=80, architectures=["LlamaForCausalLM"]),
         "mistral_swa": MistralConfig(sliding_window=4096, architectures=["MistralForCausalLM"]),
+        "gemma3": Gemma3TextConfig(
+            head_dim=128,
+            sliding_window=512,
+            architectures=["Gemma3ForCausalLM"],
+            num_hidden_layers=2,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
         # Attention variants a config declares (Gemma 2, Grok; Gemma 3n/4; bidirectional).
         "llama_softcap": LlamaConfig(head_dim=128, attn_logit_softcapping=30.0, **LLAMA),
         "llama_kv_shared": LlamaConfig(head_dim=128, num_kv_shared_layers=1, **LLAMA),
@@ -298,9 +305,14 @@ REFUSAL_MATRIX = {
         "--kv-cache kvarn",
     ),
     "head_dim_80": ("model", "llama_hd80", "--kv-cache kvarn"),
-    "sliding_window": ("model", "mistral_swa", "--kv-cache kvarn"),
+    "hybrid_swa_pool": ("model_config", {"is_hybrid_swa": True}, "--disable-hybrid-swa-memory"),
+    "attention_sinks": ("model_config", {"has_attention_sinks": True}, "--kv-cache kvarn"),
     "mla": ("model_config", {"attention_arch": "MLA"}, "--kv-cache kvarn"),
-    "hybrid_linear": ("model_config", {"mamba": True}, "--kv-cache kvarn"),
+    "hybrid_linear": (
+        "model_config",
+        {"mamba": True, "hf_config": SimpleNamespace(architectures=["NemotronHForCausalLM"])},
+        "--kv-cache kvarn",
+    ),
     "encoder_decoder": ("model_config", {"is_encoder_decoder": True}, "--kv-cache kvarn"),
     "v_head_dim": ("model_config", {"v_head_dim": 64}, "--kv-cache kvarn"),
     "tp_splits_kv_heads": ("model_config", {"tp": 3}, "--tp-size"),
@@ -353,6 +365,25 @@ def test_startup_refusal_matrix(prepare, monkeypatch, kind, arg, flag):
 def test_model_refusals_name_the_attention_variant(prepare, model, reason):
     with pytest.raises(ValueError, match=reason):
         prepare("--kv-cache", "kvarn", *P128, model=model).resolve_once()
+
+
+@pytest.mark.parametrize("model", ["gemma3", "mistral_swa"])
+def test_sliding_windows_over_one_pool_are_accepted(prepare, model):
+    """Gemma 3's windows mask SGLang's one KV pool (its hybrid SWA pool is off for Gemma 3),
+    and the KVarN attention honours each layer's window; SGLang itself ignores Mistral's."""
+    sa = prepare("--kv-cache", "kvarn", *P128, model=model)
+    sa.resolve_once()
+    assert sa.attention_backend == "kvarn"
+
+
+def test_verified_hybrid_linear_model_is_accepted(monkeypatch):
+    """Qwen3-Next (Gated DeltaNet + full attention) serves with KVarN on its full-attention
+    layers (``tests/test_server_models.py``); other hybrids stay refused (row ``hybrid_linear``)."""
+    from sglang.srt.configs import hybrid_arch
+
+    monkeypatch.setattr(hybrid_arch, "mambaish_config", lambda mc: object())
+    qwen3_next = SimpleNamespace(architectures=["Qwen3NextForCausalLM"])
+    refuse_model(_model_config(hf_config=qwen3_next, head_dim=256, v_head_dim=256), tp_size=1)
 
 
 def test_memory_saver_is_accepted(prepare):

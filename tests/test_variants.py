@@ -75,6 +75,17 @@ def test_layerwise_method_cycles_presets_and_averages_bits():
         m.quantize_pages(*kv_like(1, 128, 1, 64))
 
 
+def test_layerwise_method_keeps_fp16_layers_at_the_presets_page_size():
+    """Gemma 3's pattern: five sliding layers unquantized, the full layer KVarN."""
+    m = parse_variant("layers:fp16/fp16/fp16/fp16/fp16/k4v2_g64", 64)
+    assert [m.for_layer(i).name for i in (0, 4, 5, 6)] == ["fp16", "fp16", "k4v2_g64", "fp16"]
+    assert m.page_size == m.for_layer(0).page_size == 64
+    k, v = kv_like(1, 64, 1, 64)
+    kd, vd = m.for_layer(0).dequantize_pages(m.for_layer(0).quantize_pages(k, v))
+    torch.testing.assert_close(kd, k.half().float())
+    torch.testing.assert_close(vd, v.half().float())
+
+
 @pytest.mark.parametrize(
     "name, message",
     [

@@ -26,9 +26,11 @@ from kvarn_sglang.quant.baselines import DEFAULT_METHODS
 
 
 def _quant_error(args: argparse.Namespace) -> int:
+    from kvarn_sglang.eval.attention import check_reference
     from kvarn_sglang.eval.kv_capture import capture_qkv
     from kvarn_sglang.eval.models import load_model, read_text
     from kvarn_sglang.eval.quant_error import format_table, measure_methods, rows_to_json
+    from kvarn_sglang.eval.run import check_tokens
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     started = time.time()
@@ -37,6 +39,8 @@ def _quant_error(args: argparse.Namespace) -> int:
     ids = tokenizer(read_text(args.text), return_tensors="pt").input_ids[:, : args.tokens]
     if ids.shape[1] < args.tokens:
         print(f"note: the text has only {ids.shape[1]} tokens", file=sys.stderr)
+    # Refuses a model whose attention the capture would change.
+    check_reference(model, ids[:, : check_tokens(model.config)])
     layers = capture_qkv(model, ids)
     rows = measure_methods(
         methods,

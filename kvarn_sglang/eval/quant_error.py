@@ -19,6 +19,7 @@ import torch
 
 from kvarn_sglang.eval.kv_capture import LayerQKV
 from kvarn_sglang.quant.baselines import PageMethod, get_method
+from kvarn_sglang.quant.page_attention import paged_attention
 from kvarn_sglang.quant.reference import decode_consistent_attention
 
 
@@ -59,15 +60,9 @@ def dequantized_read(
 
 
 def exact_attention(layer: LayerQKV) -> torch.Tensor:
-    """Causal fp32 attention of one layer, ``[T, Hq, D]``."""
-    group = layer.q.shape[1] // layer.k.shape[1]
-    q = layer.q.transpose(0, 1)
-    k = layer.k.repeat_interleave(group, 1).transpose(0, 1)
-    v = layer.v.repeat_interleave(group, 1).transpose(0, 1)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True, scale=layer.scale
-    )
-    return out.transpose(0, 1)
+    """Causal fp32 attention of one layer with its window/soft-cap/sinks, ``[T, Hq, D]``."""
+    q, k, v = (x.transpose(0, 1) for x in (layer.q, layer.k, layer.v))
+    return paged_attention(q, 0, k, v, k, v, 0, 128, layer.scale, attn=layer.attn).transpose(0, 1)
 
 
 def measure_method(
@@ -82,7 +77,7 @@ def measure_method(
         v_errs.append(_rel(v_read[span], layer.v[span]))
         pos = torch.arange(layer.q.shape[0])
         out = decode_consistent_attention(
-            layer.q, pos, k_read, v_read, layer.k, layer.v, 0, g, layer.scale
+            layer.q, pos, k_read, v_read, layer.k, layer.v, 0, g, layer.scale, layer.attn
         )
         reads = slice((sink_pages + 1) * g, None)
         attn_errs.append(_rel(out[reads], ref[reads]))

@@ -1,6 +1,9 @@
 """Orchestration of ``kvarn-sglang eval``: every metric of every method on one model.
 
-1. Reference: one teacher-forced forward with the model's own attention over the text,
+0. Check: the eval's unquantized reference must be the model's own forward
+   (``attention.check_reference`` on the first ``CHECK_TOKENS`` tokens: within fp32
+   tolerance of transformers' own attention, else ``ValueError`` naming the feature).
+1. Reference: one teacher-forced forward with exact attention over the text,
    keeping each layer's post-RoPE Q/K/V and attention output (before ``o_proj``) and the
    next-token log-probabilities; greedy generations of ``gen_tokens`` tokens per prompt.
 2. Per method: one forward with decode-consistent quantized attention over the text
@@ -29,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from kvarn_sglang.eval.attention import (
+    check_reference,
     layer_method,
     paged_attention,
     paged_logits,
@@ -37,9 +41,21 @@ from kvarn_sglang.eval.attention import (
 from kvarn_sglang.eval.cache import greedy_generate
 from kvarn_sglang.eval.metrics import ErrorCurve, first_divergence, log_probs, token_metrics
 from kvarn_sglang.eval.quant_error import dequantized_read
-from kvarn_sglang.quant.baselines import PageMethod, get_method
+from kvarn_sglang.quant.baselines import PageMethod
+from kvarn_sglang.quant.page_attention import LayerAttention
+from kvarn_sglang.quant.variants import parse_variant
 
 GEN_MODES = ("forced", "incremental")
+# Tokens compared with the model's own forward before a run (at least; two of the longest
+# sliding window, so that queries past every window are among them).
+CHECK_TOKENS = 512
+
+
+def check_tokens(config) -> int:
+    """Tokens ``check_reference`` compares for a model of ``config``."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None) or 0
+    return max(CHECK_TOKENS, 2 * int(window))
 
 
 @dataclass
@@ -94,6 +110,8 @@ class EvalResult:
     reference_margin_median: list[float] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase
     rows: list[MethodResult] = field(default_factory=list)
+    # check_reference's finding: tokens, implementation, max |d logit|, tolerance, layers
+    reference_check: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -103,36 +121,40 @@ class _Reference:
     v: list[torch.Tensor] = field(default_factory=list)
     out: list[torch.Tensor] = field(default_factory=list)  # per layer [Hq, T, D]
     scale: list[float] = field(default_factory=list)
+    attn: list[LayerAttention] = field(default_factory=list)
 
-    def __call__(self, layer, q, k, v, out, scale) -> None:
+    def __call__(self, layer, q, k, v, out, scale, attn) -> None:
         for store, x in ((self.q, q), (self.k, k), (self.v, v), (self.out, out)):
             store.append(x.detach().float().clone())
         self.scale.append(scale)
+        self.attn.append(attn)
 
 
 def build_methods(
     names: Sequence[str | PageMethod], head_dim: int, page_size: int
 ) -> list[PageMethod]:
-    """``get_method`` for every name (a ``PageMethod`` is taken as is); raises ``ValueError``
-    on the first unknown name."""
+    """``parse_variant`` for every name (any ``get_method`` name, a preset with ``+`` knobs, or
+    ``layers:A/B/...`` cycled over layers; a ``PageMethod`` is taken as is); raises
+    ``ValueError`` on the first unknown name."""
     if not names:
         raise ValueError(
             "No methods given: expected a comma-separated list such as kivi2,k2v2_g128"
         )
     return [
-        n if isinstance(n, PageMethod) else get_method(n, head_dim=head_dim, page_size=page_size)
-        for n in names
+        n if isinstance(n, PageMethod) else parse_variant(n, head_dim, page_size) for n in names
     ]
 
 
 def _static_curve(method: PageMethod, ref: _Reference, sink_pages: int, bucket: int, nb: int):
     curve = ErrorCurve(len(ref.q), nb)
-    layers = zip(ref.q, ref.k, ref.v, ref.out, ref.scale, strict=True)
-    for layer, (q, k, v, out, scale) in enumerate(layers):
+    layers = zip(ref.q, ref.k, ref.v, ref.out, ref.scale, ref.attn, strict=True)
+    for layer, (q, k, v, out, scale, attn) in enumerate(layers):
         m = layer_method(method, layer)
         k_read, v_read, _ = dequantized_read(m, k.transpose(0, 1), v.transpose(0, 1), sink_pages)
         k_read, v_read = k_read.transpose(0, 1), v_read.transpose(0, 1)
-        o = paged_attention(q, 0, k_read, v_read, k, v, 0, m.page_size, scale, recent_pages_of(m))
+        o = paged_attention(
+            q, 0, k_read, v_read, k, v, 0, m.page_size, scale, recent_pages_of(m), attn=attn
+        )
         curve.add(layer, o, out, bucket)
     return curve
 
@@ -188,13 +210,18 @@ def run_eval(
             f"{scored_from + max(m.page_size for m in methods)} (sink pages + 2 pages) so that "
             f"some tokens read quantized pages"
         )
-    bar = tqdm(total=2 + len(methods), desc="eval", disable=not progress, unit="step")
+    bar = tqdm(total=3 + len(methods), desc="eval", disable=not progress, unit="step")
     clock, seconds = time.perf_counter(), {}
 
     def lap(name: str) -> None:
         nonlocal clock
         now = time.perf_counter()
         seconds[name], clock = round(now - clock, 2), now
+
+    bar.set_postfix_str("reference check")
+    check = check_reference(model, input_ids[:, : check_tokens(model.config)])
+    lap("reference check")
+    bar.update()
 
     bar.set_postfix_str("reference forward")
     ref = _Reference()
@@ -225,6 +252,13 @@ def run_eval(
         reference_generations=[g.tolist() for g in ref_gen],
         reference_margin_median=[float(m.median()) for m in margins],
         seconds=seconds,
+        reference_check={
+            "tokens": check.tokens,
+            "implementation": check.implementation,
+            "max_abs_logit_diff": check.max_abs_diff,
+            "tolerance": check.tolerance,
+            "attention": check.describe(),
+        },
     )
     for method in methods:
         bar.set_postfix_str(method.name)
@@ -234,7 +268,9 @@ def run_eval(
             input_ids,
             method,
             sink_pages=settings.sink_pages,
-            observer=lambda layer, q, k, v, out, s, acc=acc: acc.add(layer, out, ref.out[layer], g),
+            observer=lambda layer, q, k, v, out, *_, acc=acc: acc.add(
+                layer, out, ref.out[layer], g
+            ),
         )
         tm = token_metrics(ref_logp, logits, targets, scored_from)
         del logits

@@ -44,7 +44,7 @@ from kvarn_sglang.format.numerics import (
     check_pages,
     hadamard_matrix,
 )
-from kvarn_sglang.quant.page_attention import paged_attention
+from kvarn_sglang.quant.page_attention import FULL, LayerAttention, paged_attention
 from kvarn_sglang.quant.rtn import refit_rows as refit_rows
 from kvarn_sglang.quant.rtn import rtn_quantize as rtn_quantize
 
@@ -284,6 +284,7 @@ def decode_consistent_attention(
     own_start: int,
     page_size: int,
     sm_scale: float,
+    attn: LayerAttention = FULL,
 ) -> torch.Tensor:
     """Attention of one sequence's queries with decode-consistent semantics.
 
@@ -293,6 +294,8 @@ def decode_consistent_attention(
             (dequantized pages, fp16 sink pages); read by queries of later pages only.
         k_own, v_own: ``[M, Hkv, D]``, fp16 values of positions ``own_start..own_start+M-1``;
             read by queries of the same page, causally.
+        attn: a sliding window (keys before ``q_pos - window_left`` masked), logit
+            soft-capping and learned sinks (an extra softmax logit per query head).
     Returns:
         ``fp32 [T, Hq, D]``.
     """
@@ -302,17 +305,25 @@ def decode_consistent_attention(
 
     def scores(k: torch.Tensor, pos: torch.Tensor, same_page: bool) -> torch.Tensor:
         s = torch.einsum("thd,shd->hts", qf, k.float().repeat_interleave(group, 1)) * sm_scale
+        if attn.softcap:
+            s = attn.softcap * torch.tanh(s / attn.softcap)
         q_page, k_page = (q_pos // page_size)[:, None], (pos // page_size)[None, :]
         if same_page:
             mask = (k_page == q_page) & (pos[None, :] <= q_pos[:, None])
         else:
             mask = k_page < q_page
+        if attn.window_left is not None:
+            mask = mask & (pos[None, :] >= q_pos[:, None] - attn.window_left)
         return s.masked_fill(~mask, float("-inf"))
 
     pos_read = torch.arange(k_read.shape[0], device=q.device)
     pos_own = torch.arange(own_start, own_start + k_own.shape[0], device=q.device)
     s = torch.cat([scores(k_read, pos_read, False), scores(k_own, pos_own, True)], dim=2)
-    prob = torch.softmax(s, dim=2)
+    if attn.sinks is not None:
+        sink = attn.sinks.float().to(q.device).view(hq, 1, 1).expand(hq, s.shape[1], 1)
+        prob = torch.softmax(torch.cat([s, sink], 2), dim=2)[..., :-1]
+    else:
+        prob = torch.softmax(s, dim=2)
     v = torch.cat([v_read, v_own], 0).float().repeat_interleave(group, 1)
     return torch.einsum("hts,shd->thd", prob, v)
 
@@ -357,10 +368,11 @@ def read_pages(
 
 
 def read_finished_pages(
-    cache: PagedKVCache, pages: torch.Tensor, config: KVarNConfig
+    cache: PagedKVCache, pages: torch.Tensor, config: KVarNConfig, first_index: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Finished pages as a later page reads them: sinks fp16, the rest packed."""
-    sink = min(config.sink_pages, len(pages))
+    """Finished pages as a later page reads them: sinks fp16, the rest packed.
+    ``first_index``: the index in its sequence of ``pages[0]`` (pages before it not read)."""
+    sink = min(max(config.sink_pages - first_index, 0), len(pages))
     ks, vs = read_pages(cache, pages[:sink], config, fp16=True)
     kq, vq = read_pages(cache, pages[sink:], config, fp16=False)
     return torch.cat([ks, kq]), torch.cat([vs, vq])
@@ -373,12 +385,14 @@ def ref_decode_attention(
     seq_lens: torch.Tensor,
     config: KVarNConfig,
     sm_scale: float,
+    attn: LayerAttention = FULL,
 ) -> torch.Tensor:
     """Decode attention over a page table: q ``[B, Hq, D]`` is the last token of each request.
 
     Args:
         page_table: ``int [B, max_pages]`` page ids of each request in order.
         seq_lens: ``int [B]`` tokens per request, the current token included.
+        attn: the layer's window, soft-capping, sinks; pages before the window are not read.
     Returns:
         ``fp32 [B, Hq, D]``.
     """
@@ -387,13 +401,14 @@ def ref_decode_attention(
     for b in range(q.shape[0]):
         n = int(seq_lens[b])
         own = (n - 1) // g
-        k_read, v_read = read_finished_pages(cache, page_table[b, :own], config)
+        first = min(attn.first_key(n - 1) // g, own)
+        k_read, v_read = read_finished_pages(cache, page_table[b, first:own], config, first)
         k_own, v_own = read_pages(cache, page_table[b, own : own + 1], config, fp16=True)
         last = n - own * g
         o = paged_attention(
             q[b : b + 1].transpose(0, 1), n - 1, k_read.transpose(0, 1),
             v_read.transpose(0, 1), k_own[:last].transpose(0, 1), v_own[:last].transpose(0, 1),
-            own * g, g, sm_scale,
+            own * g, g, sm_scale, attn=attn, read_start=first * g,
         )  # fmt: skip
         out.append(o[:, 0])
     return torch.stack(out)
@@ -409,6 +424,7 @@ def ref_extend_attention(
     extend_lens: torch.Tensor,
     config: KVarNConfig,
     sm_scale: float,
+    attn: LayerAttention = FULL,
 ) -> torch.Tensor:
     """Decode-consistent extend (prefill, chunked prefill, prefix-cache hit).
 
@@ -418,6 +434,7 @@ def ref_extend_attention(
         cache: holds each request's prefix and, committed, every page that became full in
             this extend; a prefix page left partial is in an fp16 slot.
         page_table: ``int [B, max_pages]``; prefix_lens, extend_lens: ``int [B]``.
+        attn: the layer's window, soft-capping, sinks; pages before the window are not read.
     Returns:
         ``fp32 [T, Hq, D]``.
     """
@@ -430,7 +447,8 @@ def ref_extend_attention(
         if ext == 0:
             continue
         first_own, last_own = pre // g, (pre + ext - 1) // g
-        k_read, v_read = read_finished_pages(cache, page_table[b, :last_own], config)
+        first = min(attn.first_key(pre) // g, first_own)
+        k_read, v_read = read_finished_pages(cache, page_table[b, first:last_own], config, first)
         own_start = first_own * g
         own_page = page_table[b, first_own : first_own + 1 if pre > own_start else first_own]
         k_pre, v_pre = read_pages(cache, own_page, config, fp16=True)
@@ -440,6 +458,7 @@ def ref_extend_attention(
         o = paged_attention(
             q[rows].transpose(0, 1), pre, k_read.transpose(0, 1), v_read.transpose(0, 1),
             k_own.transpose(0, 1), v_own.transpose(0, 1), own_start, g, sm_scale,
+            attn=attn, read_start=first * g,
         )  # fmt: skip
         out.append(o.transpose(0, 1))
     return torch.cat(out) if out else q.new_zeros(0, *q.shape[1:]).float()

@@ -39,7 +39,7 @@ from functools import cached_property
 
 import torch
 
-from kvarn_sglang.format.config import get_preset
+from kvarn_sglang.format.config import PRESETS, get_preset
 from kvarn_sglang.format.layout import PageLayout, TileCodes, encode_tiles
 from kvarn_sglang.format.numerics import LOG_MAX, LOG_MIN, SCALE_MIN, STD_MAX, STD_MIN
 from kvarn_sglang.quant.baselines import KVarNMethod, PageMethod, get_method
@@ -241,7 +241,12 @@ class LayerwiseMethod(PageMethod):
 
     def __init__(self, name: str, presets: Sequence[str], head_dim: int) -> None:
         self.name, self.head_dim = name, head_dim
-        self.methods = [KVarNMethod(p, head_dim) for p in presets]
+        # Any method name may stand between the presets (``fp16`` keeps a layer unquantized,
+        # e.g. Gemma 3's sliding layers in ``layers:fp16/fp16/fp16/fp16/fp16/k4v2_g128``);
+        # it takes the presets' page size.
+        sizes = {get_preset(p).page_size for p in presets if p in PRESETS} or {128}
+        g = next(iter(sizes))
+        self.methods = [get_method(p, head_dim=head_dim, page_size=g) for p in presets]
         sizes = {m.page_size for m in self.methods}
         if len(sizes) != 1:
             raise ValueError(f"Invalid presets {list(presets)}: expected one page size")

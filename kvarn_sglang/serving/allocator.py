@@ -40,8 +40,13 @@ class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
     sink_evictions = 0  # cached subtrees evicted to free a sink slot
     admissions_waited_for_slots = 0  # candidates the admission hook kept waiting
 
+    def _pool(self):
+        """The KVarN pool: SGLang's hybrid linear-attention pool holds it as ``full_kv_pool``."""
+        kvcache = self.get_kvcache()
+        return getattr(kvcache, "full_kv_pool", kvcache)
+
     def _store(self):
-        return getattr(self.get_kvcache(), "store", None)
+        return getattr(self._pool(), "store", None)
 
     def _sinks(self) -> torch.Tensor:
         """``bool [num_pages + 1]``: which allocated pages are sink pages (hold a sink slot)."""
@@ -215,7 +220,7 @@ class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
 
     def kvarn_state(self) -> dict:
         """What the scheduler reports about the KVarN pool (``/get_server_info``)."""
-        store, pool = self._store(), self.get_kvcache()
+        store, pool = self._store(), self._pool()
         store.flush_released()
         cfg = store.config
         return {

@@ -13,7 +13,10 @@ one an fp16 slot. Per layer, ``forward_extend``/``forward_decode``
    attention, so later tokens of the same pass read them quantized, as decode-consistent
    semantics require;
 4. run attention: the Triton kernels on CUDA, the torch reference elsewhere (the same
-   semantics; the kernels are tested against it);
+   semantics; the kernels are tested against it). A layer with a sliding window
+   (``RadixAttention.sliding_window_size``, Gemma 3) reads only the pages its queries' windows
+   reach and masks the boundary page; every layer still stores every page, because the window
+   is a mask over SGLang's one KV pool (its separate window pool is refused);
 5. in decode, commit the completed pages after attention (the completing token reads its
    own page in fp16): on CUDA on a side stream, hidden under the remaining layers and
    joined by the last (``_commit_after_attention``).
@@ -35,6 +38,7 @@ import logging
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
+from kvarn_sglang.quant.page_attention import FULL, LayerAttention
 from kvarn_sglang.quant.reference import ref_decode_attention, ref_extend_attention
 from kvarn_sglang.serving.forward_plan import (
     CLEAN,
@@ -61,6 +65,11 @@ class KVarNAttnBackend(AttentionBackend):
     def __init__(self, model_runner) -> None:
         super().__init__()
         pool = model_runner.token_to_kv_pool
+        # A hybrid linear-attention model (Qwen3-Next): SGLang's HybridLinearKVPool holds the
+        # KVarN pool for the full-attention layers (numbered densely) beside its recurrent
+        # state pool, and its HybridLinearAttnBackend hands this backend those layers only.
+        self.layer_ids = getattr(pool, "full_attention_layer_id_mapping", None)
+        pool = getattr(pool, "full_kv_pool", pool)
         if not isinstance(pool, KVarNTokenToKVPool):
             raise ValueError(
                 f"Unsupported KV pool {type(pool).__name__}: --attention-backend kvarn needs "
@@ -70,6 +79,9 @@ class KVarNAttnBackend(AttentionBackend):
         if model is not None:  # the scheduler's model runner (tests may pass none)
             refuse_unsupported_layers(model)
         self.pool = pool
+        # What SGLang's wrappers (HybridLinearAttnBackend) read from the backend they wrap.
+        self.token_to_kv_pool = model_runner.token_to_kv_pool
+        self.req_to_token_pool = model_runner.req_to_token_pool
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.config = pool.kvarn_config
         self.plan: ForwardPlan | None = None
@@ -80,9 +92,9 @@ class KVarNAttnBackend(AttentionBackend):
         self.graph_token_rows: torch.Tensor | None = None
         self._side_stream = None
         if pool.store.use_kernels:
-            self.warm_up(_query_heads(model_runner))
+            self.warm_up(_query_heads(model_runner), _has_windows(model_runner))
 
-    def warm_up(self, num_q_heads: int | None) -> tuple[int, float] | None:
+    def warm_up(self, num_q_heads: int | None, windowed: bool = False) -> tuple[int, float] | None:
         """Compile every kernel variant serving needs now, at startup (``kernels.warmup``),
         and log how many and how long; without the model's query heads, Triton compiles each
         at its first launch instead."""
@@ -94,7 +106,7 @@ class KVarNAttnBackend(AttentionBackend):
         store = self.pool.store
         n, seconds = warm_up(
             self.config, num_q_heads, store.packed[0].shape[1], store.slot_k[0].dtype,
-            store.packed[0].device,
+            store.packed[0].device, windowed,
         )  # fmt: skip
         logger.info(
             "KVarN: compiled %d kernel variants (decode, extend, commit) in %.1f s at startup; "
@@ -201,6 +213,19 @@ class KVarNAttnBackend(AttentionBackend):
         """Nothing to record: the static buffers are filled before every replay."""
 
     # ------------------------------------------------------------------ per layer
+    def local_layer(self, layer_id: int) -> int:
+        """The pool's index of model layer ``layer_id``."""
+        if self.layer_ids is not None:
+            return self.layer_ids[layer_id]
+        return layer_id - self.pool.start_layer
+
+    @staticmethod
+    def layer_attention(layer) -> LayerAttention:
+        """The window of a ``RadixAttention`` layer (soft-capping and sinks are refused at
+        startup, ``model_check`` and ``patches.server_args``)."""
+        window = getattr(layer, "sliding_window_size", None)
+        return FULL if window is None or window < 0 else LayerAttention(window_left=window)
+
     def write_kv(self, k, v, layer, forward_batch, save_kv_cache: bool = True, commit=True):
         """Screen and store one layer's new ``k, v [N, Hkv, D]`` and (``commit``) commit the
         pages they complete (without attention); returns the pool's local layer index and the
@@ -208,12 +233,15 @@ class KVarNAttnBackend(AttentionBackend):
         if not save_kv_cache:
             raise ValueError("KVarN needs every K/V write through the pool (save_kv_cache=True)")
         store, plan = self.pool.store, self.plan
-        local = layer.layer_id - self.pool.start_layer
+        local = self.local_layer(layer.layer_id)
         # Pages loaded back from host memory (HiCache) arrive layer by layer: this layer's
         # must have landed before it commits or reads anything.
         self.pool.wait_for_layer(local)
         k, v = screen(k, v, plan, layer.layer_id)
-        self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        pool_layer = local + self.pool.start_layer
+        self.pool.set_kv_buffer(
+            layer, forward_batch.out_cache_loc, k, v, layer_id_override=pool_layer
+        )
         if not commit:
             return local, k, v
         # Screened: nothing non-finite reaches a commit, so the commit's own check (a host
@@ -241,15 +269,17 @@ class KVarNAttnBackend(AttentionBackend):
             self.config,
             layer.scaling,
         )
+        attn = self.layer_attention(layer)
         if self.pool.store.use_kernels:
             from kvarn_sglang.kernels.extend import extend_attention
 
             # The pass's block table, made once from host lengths: no per-layer read-back.
             out = extend_attention(
-                *args, blocks=self.plan.extend_blocks_for(self.config, hq // hkv)
-            )
+                *args, blocks=self.plan.extend_blocks_for(self.config, hq // hkv),
+                window_left=attn.window_left,
+            )  # fmt: skip
         else:
-            out = ref_extend_attention(*args)
+            out = ref_extend_attention(*args, attn=attn)
         return out.to(q.dtype).reshape(-1, hq * d)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kw):
@@ -267,12 +297,13 @@ class KVarNAttnBackend(AttentionBackend):
             self.config,
             layer.scaling,
         )
+        attn = self.layer_attention(layer)
         if self.pool.store.use_kernels:
             from kvarn_sglang.kernels.decode import decode_attention
 
-            out = decode_attention(*args)
+            out = decode_attention(*args, window_left=attn.window_left)
         else:
-            out = ref_decode_attention(*args)
+            out = ref_decode_attention(*args, attn=attn)
         self._commit_after_attention(local)
         return out.to(q.dtype).reshape(-1, hq * d)
 
@@ -319,6 +350,16 @@ def _query_heads(model_runner) -> int | None:
         return heads // get_parallel().attn_tp_size
     except Exception:  # a runner without a model config or parallel context (tests)
         return None
+
+
+def _has_windows(model_runner) -> bool:
+    """Whether any attention layer of the runner's model has a sliding window
+    (``RadixAttention.sliding_window_size >= 0``; -1 or None: none)."""
+    model = getattr(model_runner, "model", None)
+    if model is None or not hasattr(model, "modules"):
+        return False
+    sizes = (getattr(m, "sliding_window_size", None) for m in model.modules())
+    return any(s is not None and s >= 0 for s in sizes)
 
 
 def create_kvarn_backend(model_runner) -> KVarNAttnBackend:

@@ -10,7 +10,8 @@ KVarN pages and attention do not implement:
   attention would silently ignore;
 * encoder-only or bidirectional attention (``AttentionType`` other than ``DECODER``) and
   cross-attention: KVarN attention is causal, decode-consistent self-attention;
-* sliding-window and chunked local attention (``sliding_window_size``, ``use_irope``);
+* chunked local attention (``use_irope``, Llama 4): its mask restarts every chunk, which the
+  KVarN attention does not implement (a sliding window, ``sliding_window_size``, it does);
 * KV shared across layers: two ``RadixAttention`` layers with one ``layer_id``, or a layer
   marked ``is_kv_shared_layer`` (Gemma 3n/4). Such layers read another layer's cache with
   ``save_kv_cache=False``; they used to fail at the first forward instead of at startup.
@@ -42,8 +43,8 @@ def refuse_unsupported_layers(model) -> None:
             problem = f"{module.attn_type.value} attention (KVarN attention is causal)"
         elif module.is_cross_attention:
             problem = "cross-attention"
-        elif (module.sliding_window_size or -1) > 0 or getattr(module, "use_irope", False):
-            problem = "sliding-window or chunked local attention"
+        elif getattr(module, "use_irope", False):
+            problem = "chunked local attention"
         elif module.layer_id in owners:
             problem = (
                 f"KV shared across layers (layer_id {module.layer_id} also serves "

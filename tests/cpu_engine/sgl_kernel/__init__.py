@@ -11,6 +11,11 @@ What it stands in for:
 * ``assign_req_to_token_pool_cpu``: the one operator the non-speculative serving path calls
   (``sglang/srt/mem_cache/allocation.py``); implemented here in plain torch with the
   semantics of SGLang's Triton twin ``assign_req_to_token_pool``.
+* ``mamba``: reference Gated DeltaNet operators (convolution, gating, the delta rule) that
+  SGLang's GDN backend imports on a CPU, so hybrid linear-attention models (Qwen3-Next) run;
+  ``triton_ops``: torch twins of the two Triton-only operators on Qwen3-Next's path (the gated
+  RMSNorm, the shared expert's gate); ``device``: the test-only answer to
+  ``torch.get_device_module()`` on a CPU.
 * ``copy_all_layer_kv_cache_cpu`` (KV moves for speculative decoding) and seven
   speculative-decoding operators imported by ``sglang/kernels/ops/speculative/*``: imported,
   never called without ``--speculative-algorithm`` (which KVarN refuses); they raise.
@@ -19,6 +24,8 @@ What it stands in for:
 from __future__ import annotations
 
 import torch
+
+from sgl_kernel import device, mamba, triton_ops  # noqa: F401 (registers ops, device answer)
 
 
 def assign_req_to_token_pool_cpu(
