@@ -17,7 +17,8 @@ text and its JSON differ; after a benchmark rerun, rewrite every block with::
 Renderers: ``presets HEAD_DIM`` (bytes of every preset, from the code),
 ``quant_error JSON``, ``accuracy JSON``, ``accuracy_curve JSON``, ``variants JSON TEXT``,
 ``prefix_sharing JSON [WORKLOAD]``, ``quality JSON`` (the figures ``pytest -m quality``
-asserts) and ``norm_iters JSON``.
+asserts), ``norm_iters JSON [PREFIX]`` and ``quality_mutants JSON``
+(``scripts/quality_mutants.py``).
 """
 
 from __future__ import annotations
@@ -123,8 +124,12 @@ def quality(path: str) -> str:
     return "\n".join(lines)
 
 
-def norm_iters(path: str) -> str:
-    return norm_iters_table(_json(path))
+def norm_iters(path: str, prefix: str = "") -> str:
+    """The table of a ``bench_norm_iters`` JSON, its rows whose input starts with ``prefix``."""
+    data = _json(path)
+    return norm_iters_table(
+        data | {"rows": [r for r in data["rows"] if r["input"].startswith(prefix)]}
+    )
 
 
 def norm_iters_table(data: dict) -> str:
@@ -140,6 +145,20 @@ def norm_iters_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def quality_mutants(path: str) -> str:
+    """``scripts/quality_mutants.py``'s table: which tests fail on each way of making KVarN
+    worse (all their names are in the JSON; up to 3 here)."""
+    lines = ["| change | `pytest -m quality` fails | wall s |", "|---|---|---|"]
+    for row in _json(path)["rows"]:
+        names = [f"`{t.split('::')[-1]}`" for t in row["failed"]]
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        lines.append(
+            f"| {row['change']} | {len(names)}{': ' + shown if names else ' (passes)'} "
+            f"| {row['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[..., str]] = {
     "presets": presets,
     "quant_error": quant_error,
@@ -149,6 +168,7 @@ RENDERERS: dict[str, Callable[..., str]] = {
     "prefix_sharing": prefix_sharing,
     "quality": quality,
     "norm_iters": norm_iters,
+    "quality_mutants": quality_mutants,
 }
 
 
