@@ -92,7 +92,7 @@ def after_add_cli_args(result, parser):
     parser.add_argument(
         "--kvarn-slots", type=int, default=None,
         help="fp16 page slots (default: one per running request + the sink pages of "
-        "max(16, running / 8) distinct prefixes; at least running + sink pages)",
+        "max(16, running / 8) distinct prefixes; at least max(running, 2) + sink pages)",
     )  # fmt: skip
     return result
 
@@ -113,9 +113,9 @@ def refuse_flags(args, settings: KVarNSettings) -> None:
     if settings.slots is not None and settings.slots < least:
         raise ValueError(
             f"--kvarn-slots {settings.slots} is too few fp16 page slots: {running} running "
-            f"requests need a filling page each plus one shared sink prefix "
-            f"(--max-running-requests + --kvarn-sink-pages = {least}); raise --kvarn-slots to "
-            f"at least {least} or lower --max-running-requests"
+            f"requests need a filling page each (a request prefilled in chunks two) plus one "
+            f"shared sink prefix (max(--max-running-requests, 2) + --kvarn-sink-pages = "
+            f"{least}); raise --kvarn-slots to at least {least} or lower --max-running-requests"
         )
     if getattr(args, "dtype", "auto") in _REFUSED_DTYPES:
         raise ValueError(

@@ -19,8 +19,10 @@ Dense pools store nothing (a bytes-only stand-in KV cache).
 request stays out and is checkpointed into the tree), try a prefill batch
 (``_get_new_batch_prefill_raw``: row budget, policy, adder loop, ``NO_TOKEN`` marks the batch
 full), else ``update_running_batch`` (check, retract, decay the new-token ratio) and a decode
-step. Results are processed as ``process_batch_result_prefill/decode`` do. The "model" emits
-the workload's predetermined tokens and a stop token at each request's own output length;
+step. With ``mixed_chunk`` (``--enable-mixed-chunk``) the adder's chunk budget is lowered by the
+running requests and their decode step rides in the prefill batch (``mix_with_running``).
+Results are processed as ``process_batch_result_prefill/decode`` do. The "model" emits the
+workload's predetermined tokens and a stop token at each request's own output length;
 ``max_new_tokens`` is larger, so SGLang's admission sees variable, unknown output lengths, as
 with real clients. What it leaves out: streaming, logprobs, grammar, the tokenizer and
 detokenizer processes, and time (a step is one forward pass).
@@ -72,7 +74,7 @@ class SchedServer:
     def __init__(
         self, pool: PoolSpec, model_config, *, max_running: int, max_context: int,
         max_prefill_tokens: int = 16384, chunked_prefill_size: int | None = 8192,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = 256, mixed_chunk: bool = False,
     ) -> None:  # fmt: skip
         from sglang.srt.managers.schedule_batch import ScheduleBatch
         from sglang.srt.managers.schedule_policy import SchedulePolicy
@@ -86,6 +88,7 @@ class SchedServer:
         self.spec, self.ps, self.model_config = pool, pool.page_size, model_config
         self.max_running, self.max_prefill = max_running, max_prefill_tokens
         self.chunk, self.max_new = chunked_prefill_size, max_new_tokens
+        self.mixed_chunk = mixed_chunk and chunked_prefill_size is not None
         self.req_pool = ReqToTokenPool(max_running, max_context, "cpu", False)
         self.alloc, self.kv, self.backend = self._allocator(pool, max_context)
         self.tree = _counting_tree(
@@ -246,9 +249,10 @@ class SchedServer:
             running.batch_is_full = True
             return None
         self.policy.calc_priority(self.waiting, running)
+        mixed = len(running.reqs) if self.mixed_chunk else 0  # the decode tokens it carries
         adder = PrefillAdder(
             self.ps, self.tree, self.alloc, running, self.ratio.current, self.max_prefill,
-            self.chunk, max_running_requests=self.max_running,
+            self.chunk, mixed, max_running_requests=self.max_running,
         )  # fmt: skip
         if self.chunked is not None:
             self.chunked.init_next_round_input()
@@ -281,6 +285,12 @@ class SchedServer:
         )  # fmt: skip
         self._count_admissions(adder.can_run_list)
         batch.prepare_for_extend()
+        if self.mixed_chunk and not running.is_empty() and running.check_decode_mem():
+            # ``--enable-mixed-chunk``: the running requests' decode step rides along.
+            running.prepare_for_decode()
+            batch.mix_with_running(running)
+            batch.decoding_reqs = running.reqs
+            self.running = ScheduleBatch(reqs=[], batch_is_full=running.batch_is_full)
         return batch
 
     def _count_admissions(self, reqs) -> None:
@@ -308,6 +318,7 @@ class SchedServer:
         self.stats["prefill_passes"] += 1
         self.stats["prefill_tokens"] += batch.extend_num_tokens
         self._write_kv(batch, batch.prefix_lens, batch.seq_lens_cpu.tolist(), decode=False)
+        decoding = {id(r) for r in batch.decoding_reqs or []}  # a mixed batch's decode rows
         self.alloc.free_group_begin()
         for req in batch.reqs:
             if req.inflight_middle_chunks > 0:
@@ -318,7 +329,7 @@ class SchedServer:
             self._emit(req)
             if req.finished():
                 self._finish(req)
-            else:
+            elif id(req) not in decoding:
                 checkpoint_kv_cache(req, self.tree)
         self.alloc.free_group_end()
 
