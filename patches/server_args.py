@@ -15,7 +15,9 @@
   Engine takes the default preset, or a ``ServerArgs`` from ``prepare_server_args``).
 * ``ServerArgs.resolve_once`` (AFTER): refuses unsupported models (needs the model config):
   architectures, head dims, tensor-parallel splits of KV heads, and attention variants the
-  config declares (soft-capping, KV shared across layers, non-causal attention).
+  config declares (soft-capping, KV shared across layers, non-causal attention); and devices
+  the kernels cannot run on (``kvarn_sglang.serving.device_check``: ROCm, GPUs older than the
+  model's dtype needs, accelerators other than NVIDIA GPUs and the CPU reference).
 
 Every refusal is a ``ValueError`` whose message names the flag to change.
 """
@@ -139,10 +141,28 @@ def refuse_flags(args, settings: KVarNSettings) -> None:
             "--kv-cache kvarn captures decode as a full CUDA graph only: use "
             "--cuda-graph-backend-decode full or disabled (the default with KVarN)"
         )
+    if getattr(args, "cuda_graph_backend_decode", None) == "full":
+        refuse_metadata_glue_graph()
     if getattr(args, "cuda_graph_backend_prefill", None) not in (None, "disabled"):
         raise ValueError(
             "--kv-cache kvarn does not support prefill CUDA graphs: use "
             "--cuda-graph-backend-prefill disabled (the default with KVarN)"
+        )
+
+
+def refuse_metadata_glue_graph() -> None:
+    """Raise ``ValueError`` if SGLang would capture the decode graphs' metadata preparation
+    (``SGLANG_ENABLE_METADATA_GLUE_GRAPH``): its replay runs only the recorded device work,
+    while KVarN plans every decode step from host lengths (which pages complete, whose fp16
+    slots to release; ``KVarNAttnBackend.init_forward_metadata_out_graph``), so pages would
+    never be committed and slots never released."""
+    from sglang.srt.environ import envs
+
+    if envs.SGLANG_ENABLE_METADATA_GLUE_GRAPH.get():
+        raise ValueError(
+            "--kv-cache kvarn plans each captured decode step on the host, which SGLang's "
+            "metadata glue graph skips: unset SGLANG_ENABLE_METADATA_GLUE_GRAPH, or use "
+            "--cuda-graph-backend-decode disabled"
         )
 
 
@@ -266,6 +286,25 @@ def after_resolve_once(result, self):
         return result
     from sglang.srt.arg_groups.overrides import model_config_of, resolution_result
 
-    refuse_model(model_config_of(self), int(resolution_result(self, "tp_size") or 1))
+    model_config = model_config_of(self)
+    refuse_model(model_config, int(resolution_result(self, "tp_size") or 1))
+    refuse_device_of(self, model_config.dtype)
     self._kvarn_checked = True
     return result
+
+
+def refuse_device_of(server_args, model_dtype) -> None:
+    """Raise ``ValueError`` unless the GPUs the server will use run the KVarN kernels for
+    this model (``kvarn_sglang.serving.device_check``)."""
+    import torch
+    from sglang.srt.arg_groups.overrides import resolution_result
+
+    from kvarn_sglang.serving.device_check import device_facts, refuse_device
+
+    ranks = int(resolution_result(server_args, "tp_size") or 1) * int(
+        resolution_result(server_args, "dp_size") or 1
+    )
+    base, step = server_args.base_gpu_id or 0, server_args.gpu_id_step or 1
+    device = resolution_result(server_args, "device") or server_args.device or "cuda"
+    dtype = model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    refuse_device(device_facts(device, [base + i * step for i in range(ranks)]), dtype)

@@ -30,6 +30,7 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from kvarn_sglang.quant.reference import ref_decode_attention, ref_extend_attention
+from kvarn_sglang.serving.device_check import facts_of, refuse_device
 from kvarn_sglang.serving.forward_plan import (
     CLEAN,
     ForwardPlan,
@@ -61,6 +62,7 @@ class KVarNAttnBackend(AttentionBackend):
         model = getattr(model_runner, "model", None)
         if model is not None:  # the scheduler's model runner (tests may pass none)
             refuse_unsupported_layers(model)
+        refuse_device(facts_of(torch.device(pool.device)), pool.dtype)  # startup checked too
         self.pool = pool
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.config = pool.kvarn_config
@@ -97,6 +99,13 @@ class KVarNAttnBackend(AttentionBackend):
         max_context / G]``, ``graph_commits int64 [max_bs]`` (page 0 = nothing) with their
         batch rows ``graph_commit_rows int64 [max_bs]``, and ``graph_bad_layer int32
         [max_bs]`` (``request_guard``)."""
+        from sglang.srt.environ import envs
+
+        if envs.SGLANG_ENABLE_METADATA_GLUE_GRAPH.get():  # refused at startup as well
+            raise ValueError(
+                "KVarN plans each captured decode step on the host, which SGLang's metadata "
+                "glue graph skips: unset SGLANG_ENABLE_METADATA_GLUE_GRAPH"
+            )
         g, dev = self.config.page_size, self.req_to_token.device
         max_pages = -(-self.req_to_token.shape[1] // g)
         self.graph_page_table = torch.zeros(max_bs, max_pages, dtype=torch.long, device=dev)
