@@ -185,6 +185,17 @@ def packed_page_step(
     r16 = rec // 2
     ks = f16_ptr + r16 + ks_off // 2 + cq
     kz = f16_ptr + r16 + kz_off // 2 + cq
+    if tl.float16 == DT:
+        # q * k_scale can pass fp16's range (k_scale up to 65504): scale each query's products
+        # by a power of two (exact) so the largest is at most 2^15; its scores are scaled
+        # back below. 1 unless the products would overflow, so nothing else changes.
+        top = tl.max(tl.abs(q0 * tl.load(ks).to(tl.float32)[:, None]), axis=0)
+        top = tl.maximum(top, tl.max(tl.abs(q1 * tl.load(ks + Q).to(tl.float32)[:, None]), 0))
+        top = tl.maximum(top, tl.max(tl.abs(q2 * tl.load(ks + 2 * Q).to(tl.float32)[:, None]), 0))
+        top = tl.maximum(top, tl.max(tl.abs(q3 * tl.load(ks + 3 * Q).to(tl.float32)[:, None]), 0))
+        shrink = tl.exp2(tl.minimum(15.0 - tl.ceil(tl.log2(tl.maximum(top, 1e-30))), 0.0))
+        q0, q1, q2, q3 = (q0 * shrink[None, :], q1 * shrink[None, :], q2 * shrink[None, :],
+                          q3 * shrink[None, :])  # fmt: skip
     qs0 = round_to(q0 * tl.load(ks).to(tl.float32)[:, None], DT, OP)
     qs1 = round_to(q1 * tl.load(ks + Q).to(tl.float32)[:, None], DT, OP)
     qs2 = round_to(q2 * tl.load(ks + 2 * Q).to(tl.float32)[:, None], DT, OP)
@@ -220,6 +231,8 @@ def packed_page_step(
         s2 = _scores(
             k_ptr, qs0, qs1, qs2, qs3, bias, kn_ptr, qk_scale, TB, TB, D, K_BITS, DT, OP, ASM
         )
+        if tl.float16 == DT:  # the scores of the unscaled query (exact: powers of two)
+            s, s2 = s * (1.0 / shrink)[None, :], s2 * (1.0 / shrink)[None, :]
         m_new = tl.maximum(m_i, tl.maximum(tl.max(s, axis=0), tl.max(s2, axis=0)))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
@@ -236,6 +249,8 @@ def packed_page_step(
         sv += sv2
     else:
         s = _scores(k_ptr, qs0, qs1, qs2, qs3, bias, kn_ptr, qk_scale, 0, G, D, K_BITS, DT, OP, ASM)
+        if tl.float16 == DT:
+            s = s * (1.0 / shrink)[None, :]
         p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
         pv0, pv1, pv2, pv3, zv, sv = _values(
             v_ptr, p, vs_ptr, vz_ptr, pv0, pv1, pv2, pv3, 0, G, D, V_BITS, DT, OP, ASM

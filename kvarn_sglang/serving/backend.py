@@ -42,7 +42,7 @@ from kvarn_sglang.serving.forward_plan import (
 from kvarn_sglang.serving.model_check import refuse_unsupported_layers
 from kvarn_sglang.serving.pages import pass_pages
 from kvarn_sglang.serving.pool import KVarNTokenToKVPool
-from kvarn_sglang.serving.request_guard import pages_to_commit, screen
+from kvarn_sglang.serving.request_guard import guard_scales, pages_to_commit, screen
 
 
 class KVarNAttnBackend(AttentionBackend):
@@ -189,6 +189,10 @@ class KVarNAttnBackend(AttentionBackend):
         direct = pages_to_commit(plan.direct_pages, plan.direct_page_rows, plan)
         rows = plan.direct_rows
         store.commit(local, direct, k[rows], v[rows], check_finite=False)
+        committed = torch.cat([slot_pages, direct])
+        if committed.numel():  # finite K/V can still be beyond what fp16 scales hold
+            owners = torch.cat([plan.slot_commit_rows, plan.direct_page_rows])
+            guard_scales(store, local, committed, owners, plan, layer.layer_id)
         return local, k, v
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kw):
