@@ -100,6 +100,9 @@ class SchedServer:
         self.ratio = NewTokenRatioTracker.from_config()
         self.running = ScheduleBatch(reqs=[], batch_is_full=False)
         self.waiting, self.chunked, self.last_batch = [], None, None
+        self.pending = None  # the pass ``forward`` ran, until ``process`` handles its results
+        self._pending_chunked_abort_req = None
+        self.tp_size, self.tp_cpu_group = 1, None  # a tensor-parallel rank sets both
         self.specs: dict[str, Spec] = {}
         self.ready: dict[str, int] = {}
         self.counted: set[str] = set()
@@ -220,19 +223,68 @@ class SchedServer:
             self.running.batch_is_full = False
 
     def step(self) -> bool:
-        """One forward pass (prefill or decode); False if nothing could run."""
+        """One forward pass (prefill or decode) and its results; False if nothing could run."""
+        if not self.forward():
+            return False
+        self.process()
+        return True
+
+    def forward(self) -> bool:
+        """Schedule and run one pass, leaving its results to ``process``; False if nothing
+        could run. Tensor-parallel ranks run a pass each before any processes its results
+        (between the two, ``process`` exchanges the plugin's request flags over
+        ``tp_cpu_group``)."""
+        self._abort_pending_chunk()
         self._merge_last_batch()
         self.step_no += 1
         batch = self._prefill_batch()
         if batch is not None:
-            self._run_extend(batch)
+            self._forward_extend(batch)
             self.last_batch = batch
+            self.pending = (batch, False)
         elif not self.running.is_empty():
-            self._run_decode()
+            self.pending = (self.running, True) if self._forward_decode() else None
         else:
             return False
-        self._sample()
         return True
+
+    def process(self) -> None:
+        """The results of the pass ``forward`` ran: the plugin's hook on SGLang's
+        ``Scheduler.run_batch`` (requests whose K/V turned non-finite are aborted), then the
+        next token of every request."""
+        if self.pending is not None:
+            from kvarn_sglang.patches.scheduler import after_run_batch
+
+            batch, decode = self.pending
+            self.pending = None
+            after_run_batch(None, self, batch)
+            (self._decode_results if decode else self._extend_results)(batch)
+        self._sample()
+
+    @property
+    def token_to_kv_pool_allocator(self):  # what the plugin's scheduler hook reads
+        return self.alloc
+
+    @property
+    def chunked_req(self):
+        return self.chunked
+
+    def _abort_pending_chunk(self) -> None:
+        """``Scheduler.process_pending_chunked_abort``: the chunked request aborted in the
+        last pass releases its KV without caching it before its next chunk."""
+        from sglang.srt.mem_cache.common import release_kv_cache
+
+        req, self._pending_chunked_abort_req = self._pending_chunked_abort_req, None
+        if req is not None and req is self.chunked:
+            release_kv_cache(req, self.tree, checkpoint=False)
+            req.to_finish = req.discard_output_reason
+            req.update_finish_state()
+            self.chunked = None
+            self._aborted(req)
+
+    def _aborted(self, req) -> None:
+        self.stats["aborted"] += 1
+        self.specs.pop(req.rid, None)
 
     def _prefill_batch(self):
         from sglang.srt.managers.schedule_batch import ScheduleBatch
@@ -312,15 +364,23 @@ class SchedServer:
             if self.spec.config is not None and r.prefix_len >= self.ps:
                 s["sink_hits"] += 1
 
-    def _run_extend(self, batch) -> None:
-        from sglang.srt.mem_cache.common import checkpoint_kv_cache
-
+    def _forward_extend(self, batch) -> None:
         self.stats["prefill_passes"] += 1
         self.stats["prefill_tokens"] += batch.extend_num_tokens
         self._write_kv(batch, batch.prefix_lens, batch.seq_lens_cpu.tolist(), decode=False)
+
+    def _extend_results(self, batch) -> None:
+        from sglang.srt.mem_cache.common import checkpoint_kv_cache, release_kv_cache
+
         decoding = {id(r) for r in batch.decoding_reqs or []}  # a mixed batch's decode rows
         self.alloc.free_group_begin()
         for req in batch.reqs:
+            if req.discard_output_reason is not None and req.inflight_middle_chunks <= 0:
+                req.to_finish = req.discard_output_reason  # aborted in the pass
+                req.update_finish_state(0)
+                release_kv_cache(req, self.tree, checkpoint=False)
+                self._aborted(req)
+                continue
             if req.inflight_middle_chunks > 0:
                 req.inflight_middle_chunks -= 1
                 continue
@@ -333,7 +393,9 @@ class SchedServer:
                 checkpoint_kv_cache(req, self.tree)
         self.alloc.free_group_end()
 
-    def _run_decode(self) -> None:
+    def _forward_decode(self) -> bool:
+        """Check memory (retract if short), then one decode pass; False if every request
+        was retracted."""
         running = self.running
         if not running.check_decode_mem():
             retracted, ratio, aborted = running.retract_decode()
@@ -343,7 +405,7 @@ class SchedServer:
             self.waiting += retracted
             running.batch_is_full = False
             if running.is_empty():
-                return
+                return False
         else:
             self.ratio.decay_step()
         running.prepare_for_decode()
@@ -353,8 +415,18 @@ class SchedServer:
         self.series["decode_batch"].append(len(running.reqs))
         if self.waiting:  # work is waiting: the batch is what memory and the cap allow
             self.series["decode_batch_waiting"].append(len(running.reqs))
+        return True
+
+    def _decode_results(self, running) -> None:
+        from sglang.srt.mem_cache.common import release_kv_cache
+
         self.alloc.free_group_begin()
         for req in running.reqs:
+            if req.to_finish is not None and req.skip_radix_cache_insert:  # aborted in the pass
+                req.update_finish_state()
+                release_kv_cache(req, self.tree, checkpoint=True)  # nothing is inserted
+                self._aborted(req)
+                continue
             self._emit(req)
             if req.finished():
                 self._finish(req)
@@ -373,10 +445,14 @@ class SchedServer:
         store = self.kv.store
         self.backend.init_forward_metadata(fb)
         before = int(store.commits.sum())
-        kv = self.kv_values[: len(batch.out_cache_loc) + 1]
-        self.backend.write_kv(kv[:-1], kv[1:], self.layer, fb)
+        self.backend.write_kv(*self.new_kv(batch, pre, seq), self.layer, fb)
         self.stats["pages_quantized"] += int(store.commits.sum()) - before
         assert int(store.commits.max()) <= 1, "a page was quantized twice"
+
+    def new_kv(self, batch, pre: list[int], seq: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The "model's" K and V ``[N, 1, head_dim]`` of a pass's new tokens (random)."""
+        kv = self.kv_values[: len(batch.out_cache_loc) + 1]
+        return kv[:-1], kv[1:]
 
     def _sample(self) -> None:
         """Per-step series: KV tokens in use, fp16 slots held and held by cached sinks."""
