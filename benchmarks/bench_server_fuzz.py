@@ -22,6 +22,9 @@ already running instead (its pool and log are then read over HTTP only).
         --output benchmarks/results/server_fuzz.json
     python -m benchmarks.bench_server_fuzz --requests 10000 --profiles all \\
         --output benchmarks/results/server_fuzz_soak.json
+
+``--combine`` merges the ``--output`` files of runs made side by side (one profile each, the
+i-th with ``--seed i``) into the result ``--profiles all`` would write.
 """
 
 from __future__ import annotations
@@ -67,6 +70,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--profiles", default="chunk256",
         help=f"server configurations, comma-separated, or all ({', '.join(PROFILES)})",
     )  # fmt: skip
+    p.add_argument(
+        "--combine", nargs="+", default=None, metavar="JSON",
+        help="instead of fuzzing, combine the --output files of runs (one profile each, e.g. "
+        "run side by side) into one result",
+    )  # fmt: skip
     p.add_argument("--log-dir", default="out/server_logs", help="the started server's log")
     p.add_argument("--output", default=None, help="write the result as JSON here")
     return p.parse_args(argv)
@@ -107,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     names = list(PROFILES) if args.profiles == "all" else args.profiles.split(",")
     for name in names:
         profile_args(name)  # unknown names fail before any server starts
-    if args.url:
+    if args.combine:
+        runs = [json.loads(Path(f).read_text()) for f in args.combine]
+        result = _combine([r["profiles"][0] if "profiles" in r else r for r in runs])
+        result["parts"] = [{k: r[k] for k in ("command", "git_commit")} for r in runs]
+    elif args.url:
         server = ServerProcess("unused", [], Path(args.log_dir) / "unused.log")
         server.url = args.url.rstrip("/")
         result = fuzz(server, args.seed, args.requests, args.concurrency)
