@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 def _hooks() -> list[tuple[str, object, str]]:
     """``(dotted target, hook, kind)`` of every KVarN hook."""
     from kvarn_sglang.patches import (
+        disaggregation,
+        hicache,
         internal_state,
         kv_cache_dtype,
         models_utils,
@@ -66,6 +68,8 @@ def _hooks() -> list[tuple[str, object, str]]:
         ),
         (schedule_policy.ADD_ONE_REQ, schedule_policy.around_add_one_req, "AROUND"),
         (schedule_policy.ADD_CHUNKED_REQ, schedule_policy.around_add_chunked_req, "AROUND"),
+        (hicache.INIT_HICACHE, hicache.before_init_hicache, "BEFORE"),
+        *disaggregation.hooks(),
     ]
 
 

@@ -43,8 +43,6 @@ KVARN_FLAGS = {"kvarn_preset": "_kvarn_preset", "kvarn_sink_pages": "_kvarn_sink
 # (raw flag attribute, value that is fine, message)
 _REFUSED_FLAGS = [
     ("speculative_algorithm", None, "speculative decoding: remove --speculative-algorithm"),
-    ("enable_hierarchical_cache", False, "hierarchical cache: remove --enable-hierarchical-cache"),
-    ("disaggregation_mode", "null", "PD disaggregation: remove --disaggregation-mode"),
     ("enable_lmcache", False, "LMCache: remove --enable-lmcache"),
     ("enable_flexkv", False, "FlexKV: remove --enable-flexkv"),
     ("enable_hisparse", False, "HiSparse: remove --enable-hisparse"),
@@ -124,10 +122,13 @@ def refuse_flags(args, settings: KVarNSettings) -> None:
             f"--kv-cache kvarn stores K/V in fp16 or bf16, not {args.dtype}: use --dtype "
             f"float16, bfloat16 or auto"
         )
+    refuse_pd_flags(args)
     for name, fine, message in _REFUSED_FLAGS:
         value = getattr(args, name, fine)
         if value is not None and value != fine:
             raise ValueError(f"--kv-cache kvarn does not support {message}")
+    if getattr(args, "enable_hierarchical_cache", False):
+        refuse_hicache_options(args)
     for name, flag, what in _REFUSED_SIZES:
         size = getattr(args, name, 1) or 1
         if size != 1:
@@ -163,6 +164,89 @@ def refuse_metadata_glue_graph() -> None:
             "--kv-cache kvarn plans each captured decode step on the host, which SGLang's "
             "metadata glue graph skips: unset SGLANG_ENABLE_METADATA_GLUE_GRAPH, or use "
             "--cuda-graph-backend-decode disabled"
+        )
+
+
+def refuse_hicache_options(args) -> None:
+    """Raise ``ValueError`` for HiCache options the KVarN host tier does not implement: L3
+    backends other than ``file`` (the others read and write host pages zero-copy, in SGLang's
+    dense layouts) and host memory as a transient buffer (``buffer_only``)."""
+    backend = getattr(args, "hicache_storage_backend", None)
+    if backend not in (None, "file"):
+        raise ValueError(
+            f"--kv-cache kvarn stores HiCache pages in L3 with --hicache-storage-backend file "
+            f"only (got {backend}): use file, or leave --hicache-storage-backend unset"
+        )
+    if getattr(args, "hicache_host_memory_mode", "cache") != "cache":
+        raise ValueError(
+            "--kv-cache kvarn keeps HiCache pages in host memory as a cache: use "
+            "--hicache-host-memory-mode cache"
+        )
+
+
+# PD disaggregation (``kvarn_sglang.patches.disaggregation``): (attribute, value that is fine,
+# message) of the PD flags KVarN refuses.
+_REFUSED_PD_FLAGS = [
+    # The decode server's own host pool (HiCache) holds fp16 pages, not KVarN's.
+    (
+        "disaggregation_decode_host_receive_threshold",
+        1.0,
+        "receiving KV into the decode server's host pool: remove "
+        "--disaggregation-decode-host-receive-threshold",
+    ),
+    (
+        "disaggregation_decode_enable_offload_kvcache",
+        False,
+        "offloading the decode server's KV: remove --disaggregation-decode-enable-offload-kvcache",
+    ),
+    # The checksum digests the state component's indices as SGLang lays them out, not as
+    # KVarN's slot lists.
+    (
+        "disaggregation_enable_kv_checksum",
+        False,
+        "PD KV checksums: remove --disaggregation-enable-kv-checksum",
+    ),
+    (
+        "disaggregation_decode_enable_radix_cache",
+        False,
+        "a prefix cache on the PD decode server (untested with KVarN pages): remove "
+        "--disaggregation-decode-enable-radix-cache",
+    ),
+    (
+        "enable_pd_role_switch",
+        False,
+        "switching PD roles at runtime: remove --enable-pd-role-switch",
+    ),
+]
+_PD_BACKENDS = ("mooncake", "mooncake_tcp", "nixl", "fake")
+
+
+def refuse_pd_flags(args) -> None:
+    """Raise ``ValueError`` for a PD disaggregation setting KVarN does not support."""
+    if getattr(args, "disaggregation_mode", "null") in (None, "null"):
+        return
+    backend = getattr(args, "disaggregation_transfer_backend", "mooncake")
+    if backend not in _PD_BACKENDS:
+        raise ValueError(
+            f"--kv-cache kvarn moves pages with --disaggregation-transfer-backend mooncake, "
+            f"mooncake_tcp or nixl (got {backend}, untested with KVarN pages)"
+        )
+    if getattr(args, "enable_hierarchical_cache", False):
+        raise ValueError(
+            "--kv-cache kvarn does not support HiCache together with PD disaggregation "
+            "(untested with KVarN pages): remove --enable-hierarchical-cache or "
+            "--disaggregation-mode"
+        )
+    for name, fine, message in _REFUSED_PD_FLAGS:
+        value = getattr(args, name, fine)
+        if value is not None and value != fine:
+            raise ValueError(f"--kv-cache kvarn does not support {message}")
+    backup = getattr(args, "disaggregation_decode_retraction_backup", None)
+    if args.disaggregation_mode == "decode" and backup not in (None, "cpu_tensor"):
+        raise ValueError(
+            f"--kv-cache kvarn backs up retracted requests on a decode server with "
+            f"--disaggregation-decode-retraction-backup cpu_tensor (got {backup}: SGLang's "
+            f"host pool holds fp16 pages)"
         )
 
 
@@ -205,6 +289,10 @@ def configure_kvarn(server_args) -> None:
     if server_args.cuda_graph_backend_decode is None:
         server_args.cuda_graph_backend_decode = "disabled"
     server_args.cuda_graph_backend_prefill = "disabled"
+    # A PD decode server backs retracted requests up in host memory, the one backup that
+    # holds KVarN pages (``kvarn_sglang.serving.retraction_backup``).
+    if server_args.disaggregation_mode == "decode":
+        server_args.disaggregation_decode_retraction_backup = "cpu_tensor"
     # Slot bookkeeping runs on the scheduler's stream between passes; overlap scheduling
     # would run it beside the previous pass on another stream.
     server_args.disable_overlap_schedule = True

@@ -63,10 +63,56 @@ def server_pool(tmp_path_factory):
     pool.stop_all()
 
 
+# The unit tests of a page's life (which pages commit, slots, sink eviction): with the quality
+# tests, the runner of the mutation tests (``scripts/mutation.sh``: ``-m "quality or pagelife"``).
+PAGE_LIFE_TESTS = (
+    "test_pages.py",
+    "test_pool_backend.py",
+    "test_slot_pressure.py",
+    "test_slot_admission.py",
+    "test_prefix_sharing.py",
+)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--outside-ci",
+        action="store_true",
+        help="also run the tests marked outside_ci (too slow for CI's budget)",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     """With pytest-xdist (``--dist loadgroup``), the real-engine tests of one group run in one
     worker, so the run starts each shared server once: a test module names its group with
-    ``pytest.mark.xdist_group``; real-engine tests without one share the group "server"."""
+    ``pytest.mark.xdist_group``; real-engine tests without one share the group "server".
+    The page-life unit tests (``PAGE_LIFE_TESTS``) are marked ``pagelife``; tests marked
+    ``outside_ci`` are skipped unless ``--outside-ci`` is given."""
+    skip = pytest.mark.skip(reason="outside CI's budget: run with --outside-ci")
     for item in items:
+        if item.path.name in PAGE_LIFE_TESTS:
+            item.add_marker(pytest.mark.pagelife)
+        if item.get_closest_marker("outside_ci") and not config.getoption("--outside-ci"):
+            item.add_marker(skip)
         if item.get_closest_marker("server") and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group("server"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    """A worker refuses to run when pytest-xdist did not tag the grouped tests: xdist groups by
+    a ``@group`` suffix it writes into each node id, which pytest 9.2 silently ignores (its node
+    ids became immutable), and then a group's tests land on both workers, start every shared
+    server twice and run stateful tests out of order."""
+    if not session.config.getvalue("loadgroup"):
+        return
+    untagged = [
+        item.nodeid
+        for item in session.items
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid
+    ]
+    if untagged:
+        raise pytest.UsageError(
+            f"pytest-xdist --dist loadgroup did not group {untagged[0]} (and {len(untagged) - 1} "
+            "more): use the pytest pinned in requirements/cpu-test.txt"
+        )

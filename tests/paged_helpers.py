@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from kvarn_sglang.format.numerics import PagedKVCache
@@ -50,6 +52,17 @@ def build_cache(requests, config, seed: int = 0, device: str = "cpu"):
     cache = PagedKVCache(packed, slot_k, slot_v, page_slot)
     moved = PagedKVCache(*(t.to(device) for t in (packed, slot_k, slot_v, page_slot)))
     return (moved if device != "cpu" else cache), table.to(device)
+
+
+def covers_every_pair(cases: list[tuple], *values: list) -> bool:
+    """Whether ``cases`` hold every pair of values of any two parameters (``values[i]`` are
+    the values of parameter i): a covering array that keeps every code path of a kernel
+    whose paths depend on at most two parameters at once, at a fraction of the product."""
+    for i, j in itertools.combinations(range(len(values)), 2):
+        have = {(c[i], c[j]) for c in cases}
+        if not set(itertools.product(values[i], values[j])) <= have:
+            return False
+    return True
 
 
 def fp16(x):

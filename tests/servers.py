@@ -20,7 +20,6 @@ own ``ServerSpec`` next to it and gets it from the same pool.
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,12 @@ from typing import ClassVar
 import pytest
 
 from benchmarks.harness.server_fuzz import FUZZ_ARGS
-from benchmarks.harness.server_process import SMOLLM2_HF, ServerProcess, wait_until_flushed
+from benchmarks.harness.server_process import (
+    SMOLLM2_HF,
+    ServerProcess,
+    start_all,
+    wait_until_flushed,
+)
 
 MAX_ALIVE = 3
 
@@ -129,23 +133,7 @@ class ServerPool:
             )
             for spec in specs
         }
-        errors: list[BaseException] = []
-
-        def start(server: ServerProcess) -> None:
-            try:
-                server.start()
-            except BaseException as err:
-                errors.append(err)
-
-        threads = [threading.Thread(target=start, args=(s,)) for s in started.values()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            for server in started.values():
-                server.stop()
-            raise errors[0]
+        start_all(*started.values())
         self._alive.update(started)
 
     def stop_all(self) -> None:

@@ -50,7 +50,9 @@ def _compare(out: torch.Tensor, ref: torch.Tensor, cfg: KVarNConfig) -> None:
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_commit_matches_reference(d, k_bits, v_bits, g):
     cfg = KVarNConfig(k_bits=k_bits, v_bits=v_bits, page_size=g, head_dim=d)
-    k, v = kv_like(2, g, 2, d, seed=d + k_bits, dtype=torch.float16)
+    # Two pages of one KV head: 4 programs (K and V) per case in Triton's interpreter; page
+    # and head indexing with several heads is covered by the tests below.
+    k, v = kv_like(2, g, 1, d, seed=d + k_bits, dtype=torch.float16)
     out = commit_pages(k.to(device()), v.to(device()), cfg)
     _compare(out, ref_commit_pages(k, v, cfg), cfg)
 

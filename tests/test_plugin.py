@@ -228,13 +228,57 @@ def _gpu(capability: tuple[int, int], name: str, hip: str | None = None) -> Devi
 
 
 ROCM = _gpu((9, 4), "AMD Instinct MI300X", hip="6.4")
+PD_DECODE = [*P128, "--disaggregation-mode", "decode"]
 # id: (how the refusal is reached, its input, the flag its message must name)
 REFUSAL_MATRIX = {
     "page_size": ("flags", ["--page-size", "64"], "--page-size"),
     "page_size_vs_preset": ("flags", [*P128, "--kvarn-preset", "k4v2_g64"], "--page-size"),
     "speculative": ("flags", [*P128, "--speculative-algorithm", "EAGLE"], "--speculative-"),
-    "hierarchical_cache": ("flags", [*P128, "--enable-hierarchical-cache"], "--enable-hier"),
-    "pd_disaggregation": ("flags", [*P128, "--disaggregation-mode", "prefill"], "--disagg"),
+    "hicache_storage_mooncake": (
+        "flags",
+        [*P128, "--enable-hierarchical-cache", "--hicache-storage-backend", "mooncake"],
+        "--hicache-storage-backend",
+    ),
+    "hicache_buffer_only": (
+        "flags",
+        [*P128, "--enable-hierarchical-cache", "--hicache-host-memory-mode", "buffer_only"],
+        "--hicache-host-memory-mode",
+    ),
+    "pd_backend_mori": (
+        "flags",
+        [*P128, "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", "mori"],
+        "--disaggregation-transfer-backend",
+    ),
+    "pd_host_receive": (
+        "flags",
+        [*PD_DECODE, "--disaggregation-decode-host-receive-threshold", "0.5"],
+        "--disaggregation-decode-host-receive-threshold",
+    ),
+    "pd_retraction_host_pool": (
+        "flags",
+        [*PD_DECODE, "--disaggregation-decode-retraction-backup", "host_pool"],
+        "--disaggregation-decode-retraction-backup",
+    ),
+    "pd_kv_checksum": (
+        "flags",
+        [*PD_DECODE, "--disaggregation-enable-kv-checksum"],
+        "--disaggregation-enable-kv-checksum",
+    ),
+    "pd_decode_radix_cache": (
+        "flags",
+        [*PD_DECODE, "--disaggregation-decode-enable-radix-cache"],
+        "--disaggregation-decode-enable-radix-cache",
+    ),
+    "pd_with_hicache": (
+        "flags",
+        [*P128, "--disaggregation-mode", "prefill", "--enable-hierarchical-cache"],
+        "--enable-hierarchical-cache",
+    ),
+    "pd_role_switch": (
+        "flags",
+        [*P128, "--disaggregation-mode", "prefill", "--enable-pd-role-switch"],
+        "--enable-pd-role-switch",
+    ),
     "lmcache": ("flags", [*P128, "--enable-lmcache"], "--enable-lmcache"),
     "kv_sharding": ("flags", [*P128, "--enable-kv-cache-sharding"], "--enable-kv-cache-sharding"),
     "torch_compile": ("flags", [*P128, "--enable-torch-compile"], "--enable-torch-compile"),
@@ -405,6 +449,20 @@ def test_scheduler_backend_checks_its_own_device_and_the_glue_graph(monkeypatch)
     monkeypatch.setattr(device_check, "device_facts", lambda d, ids: _gpu((7, 5), "Tesla T4"))
     with pytest.raises(ValueError, match=r"compute capability 8\.0 or newer for a float16"):
         KVarNAttnBackend(runner)
+
+
+def test_pd_disaggregation_is_accepted(prepare):
+    """Both PD roles start with KVarN; a decode server backs retracted requests up in host
+    memory and sizes its fp16 slots for a private sink per running request."""
+    from kvarn_sglang.serving.settings import settings_of
+
+    sa = prepare("--kv-cache", "kvarn", *P128, "--disaggregation-mode", "prefill")
+    sa.resolve_once()
+    assert sa.disaggregation_mode == "prefill" and sa.attention_backend == "kvarn"
+    sa = prepare("--kv-cache", "kvarn", *PD_DECODE, "--max-running-requests", "8")
+    sa.resolve_once()
+    assert sa.disaggregation_decode_retraction_backup == "cpu_tensor"
+    assert settings_of(sa).num_slots == 16  # 8 x (1 sink page + 1 filling page)
 
 
 @pytest.fixture

@@ -154,10 +154,9 @@ class ServerProcess:
         self.stop()
 
 
-@contextlib.contextmanager
-def start_together(*servers: ServerProcess):
-    """Start ``servers`` side by side (their startup is mostly imports) and stop them all on
-    exit; if one fails to start, the others are stopped and the error is raised."""
+def start_all(*servers: ServerProcess) -> None:
+    """Start ``servers`` side by side (their startup is mostly imports); if one fails to
+    start, all are stopped and its error is raised."""
     errors: list[BaseException] = []
 
     def start(server: ServerProcess) -> None:
@@ -167,13 +166,21 @@ def start_together(*servers: ServerProcess):
             errors.append(err)
 
     threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        for server in servers:
+            server.stop()
+        raise errors[0]
+
+
+@contextlib.contextmanager
+def start_together(*servers: ServerProcess):
+    """``start_all`` as a context manager that stops every server on exit."""
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        start_all(*servers)
         yield servers
     finally:
         for server in servers:

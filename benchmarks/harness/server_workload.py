@@ -33,21 +33,23 @@ class RequestRow:
     error: str | None = None
 
 
+def kv_capacity(url: str) -> dict:
+    """KV tokens per GiB of one server's KV memory (SGLang's own accounting), and its KVarN
+    pool's state if it has one."""
+    state = http(f"{url}/get_server_info")["internal_states"][0]
+    memory = state["memory_usage"]
+    row = {"tokens": memory["token_capacity"], "kv_gib": memory["kvcache"]}
+    row["tokens_per_gib"] = row["tokens"] / row["kv_gib"]
+    if "kvarn" in state:
+        row["kvarn"] = state["kvarn"]
+    return row
+
+
 def capacity(kvarn_url: str, fp16_url: str | None) -> dict:
     """KV tokens per GiB of each server's KV memory (SGLang's own accounting)."""
-
-    def per_gib(url: str) -> dict:
-        state = http(f"{url}/get_server_info")["internal_states"][0]
-        memory = state["memory_usage"]
-        row = {"tokens": memory["token_capacity"], "kv_gib": memory["kvcache"]}
-        row["tokens_per_gib"] = row["tokens"] / row["kv_gib"]
-        if "kvarn" in state:
-            row["kvarn"] = state["kvarn"]
-        return row
-
-    out = {"kvarn": per_gib(kvarn_url)}
+    out = {"kvarn": kv_capacity(kvarn_url)}
     if fp16_url:
-        out["fp16"] = per_gib(fp16_url)
+        out["fp16"] = kv_capacity(fp16_url)
         out["ratio"] = out["kvarn"]["tokens_per_gib"] / out["fp16"]["tokens_per_gib"]
     return out
 

@@ -2,8 +2,8 @@
 
 ``kvarn-sglang eval``          accuracy of KVarN vs fp16 and the baselines on a real model in
                                the decode regime: perplexity, KL, top-1, error accumulation,
-                               greedy agreement (``kvarn_sglang.eval.command``; the README's main
-                               job on a CPU);
+                               greedy agreement (``kvarn_sglang.eval.command``;
+                               docs/accuracy.md);
 ``kvarn-sglang quant-error``   quantize real K/V of a model with KVarN and every baseline and
                                print the per-layer error table;
 ``kvarn-sglang presets``       list the presets with their page byte layout;

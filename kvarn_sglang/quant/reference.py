@@ -56,10 +56,19 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------- normalization
+def _std(m: torch.Tensor, dim: int) -> torch.Tensor:
+    """Unbiased std along ``dim`` (dims kept) in two passes, mean then squared deviations: what
+    the commit kernel computes, and an order of magnitude faster on a CPU than ``Tensor.std``
+    (a Welford loop there); the two agree to about 1e-7 relative."""
+    n = m.shape[dim]
+    dev = m - m.sum(dim, keepdim=True) / n
+    return ((dev * dev).sum(dim, keepdim=True) / (n - 1)).sqrt()
+
+
 def _imbalance(m: torch.Tensor) -> torch.Tensor:
     """``max/min`` of column stds plus ``max/min`` of row stds, per tile. m: [N, R, C] -> [N]."""
-    col = m.std(dim=1)
-    row = m.std(dim=2)
+    col = _std(m, 1).squeeze(1)
+    row = _std(m, 2).squeeze(2)
     return col.amax(1) / col.amin(1).clamp_min(1e-8) + row.amax(1) / row.amin(1).clamp_min(1e-8)
 
 
@@ -80,10 +89,10 @@ def variance_normalize(m: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch
     best_imb = _imbalance(m)
     for _ in range(iters):
         cur = m / log_c.exp() / log_r.exp()
-        col_std = cur.std(dim=1, keepdim=True).clamp(STD_MIN, STD_MAX)
+        col_std = _std(cur, 1).clamp(STD_MIN, STD_MAX)
         log_c = (log_c + col_std.log()).clamp(LOG_MIN, LOG_MAX)
         cur = m / log_c.exp() / log_r.exp()
-        row_std = cur.std(dim=2, keepdim=True).clamp(STD_MIN, STD_MAX)
+        row_std = _std(cur, 2).clamp(STD_MIN, STD_MAX)
         log_r = (log_r + row_std.log()).clamp(LOG_MIN, LOG_MAX)
         cur = m / log_c.exp() / log_r.exp()
         imb = _imbalance(cur)

@@ -12,8 +12,8 @@ Part of the executable spec (``kvarn_sglang.quant.reference`` re-exports both fu
 
 Unconstrained refits converge towards the MSE-optimal range, which clips the large keys that
 attention depends on and raises KL although the MSE falls; the ``_plus`` presets use
-``cover=True``, so every element stays within half a step as with min/max RTN (see README
-"Beyond the paper").
+``cover=True``, so every element stays within half a step as with min/max RTN (see
+``docs/plus-presets.md``).
 """
 
 from __future__ import annotations

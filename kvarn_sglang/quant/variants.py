@@ -6,6 +6,9 @@ decode kernels and ``dequantize_pages`` are unchanged; only the one pass at comm
 chooses codes and metadata differs. Knobs (``VariantSpec``):
 
 * ``iters``: Sinkhorn iterations (the paper: 8);
+* ``by_error``: of the normalization's candidates (the start and every iteration), keep the
+  one whose per-row RTN reconstructs the tile with the least squared error, instead of the one
+  of lowest std imbalance (the paper); ``docs/normalization.md`` measures both;
 * ``prenorm``: divide each tile by its RMS before the normalization and absorb the scalar in
   the row scales afterwards, so the ``-0.3`` log-scale floor cannot leave the normalization
   inert on small-magnitude tiles;
@@ -38,14 +41,16 @@ import torch
 
 from kvarn_sglang.format.config import get_preset
 from kvarn_sglang.format.layout import PageLayout, TileCodes, encode_tiles
-from kvarn_sglang.format.numerics import SCALE_MIN
+from kvarn_sglang.format.numerics import LOG_MAX, LOG_MIN, SCALE_MIN, STD_MAX, STD_MIN
 from kvarn_sglang.quant.baselines import KVarNMethod, PageMethod, get_method
 from kvarn_sglang.quant.reference import (
     _pow2_rebalance,
+    _std,
     _tiles,
     dequantize_pages,
     refit_rows,
     rotate,
+    rtn_quantize,
     variance_normalize,
 )
 
@@ -55,6 +60,7 @@ class VariantSpec:
     """Commit-time knobs of a KVarN variant (defaults: the paper's method)."""
 
     iters: int = 8
+    by_error: bool = False
     prenorm: bool = False
     clip: int = 1
     clip_min: float = 0.5
@@ -145,12 +151,42 @@ def colfit(m, codes, scale, zero, col, bits, iters):
     return codes, scale, zero, col
 
 
+def normalize_by_error(m: torch.Tensor, iters: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalization's iterations as ``variance_normalize`` runs them, keeping per tile the
+    candidate scales (the all-ones start included) under which plain per-row RTN reconstructs
+    ``m`` ``fp32 [N, R, C]`` with the least squared error (ties keep the newer). Returns
+    ``(row_norm [N, R, 1], col_norm [N, 1, C])``."""
+
+    def error(log_r, log_c):
+        r, c = log_r.exp(), log_c.exp()
+        codes, scale, zero = rtn_quantize(m / c / r, bits)
+        return ((codes * scale + zero) * r * c - m).square().sum((1, 2))
+
+    n, rows, cols = m.shape
+    log_c, log_r = m.new_zeros(n, 1, cols), m.new_zeros(n, rows, 1)
+    best_c, best_r, best = log_c, log_r, error(log_r, log_c)
+    for _ in range(iters):
+        col_std = _std(m / log_c.exp() / log_r.exp(), 1).clamp(STD_MIN, STD_MAX)
+        log_c = (log_c + col_std.log()).clamp(LOG_MIN, LOG_MAX)
+        row_std = _std(m / log_c.exp() / log_r.exp(), 2).clamp(STD_MIN, STD_MAX)
+        log_r = (log_r + row_std.log()).clamp(LOG_MIN, LOG_MAX)
+        err = error(log_r, log_c)
+        better = (err <= best).view(n, 1, 1)
+        best_c = torch.where(better, log_c, best_c)
+        best_r = torch.where(better, log_r, best_r)
+        best = torch.minimum(err, best)
+    return best_r.exp(), best_c.exp()
+
+
 def quantize_oriented_variant(m: torch.Tensor, bits: int, spec: VariantSpec) -> TileCodes:
     """``reference.quantize_oriented`` with the commit-time knobs of ``spec``.
     m: ``fp32 [N, R, C]`` oriented tiles."""
     rms = m.square().mean((1, 2), keepdim=True).sqrt().clamp_min(1e-20) if spec.prenorm else None
     src = m / rms if rms is not None else m
-    row_norm, col_norm = variance_normalize(src, spec.iters)
+    if spec.by_error:
+        row_norm, col_norm = normalize_by_error(src, spec.iters, bits)
+    else:
+        row_norm, col_norm = variance_normalize(src, spec.iters)
     if rms is not None:
         row_norm = row_norm * rms
     weight = col_norm.square()
@@ -238,7 +274,7 @@ class _MeanLayout(PageLayout):
 
 
 KNOB = re.compile(
-    r"([kv]?)(?:(prenorm|keepcodes|cover)|(clip|refit|it|recent|colfit)(\d+)(?:@([0-9.]+))?)"
+    r"([kv]?)(?:(prenorm|keepcodes|cover|byerr)|(clip|refit|it|recent|colfit)(\d+)(?:@([0-9.]+))?)"
 )
 
 
@@ -260,7 +296,7 @@ def parse_variant(name: str, head_dim: int, page_size: int = 128) -> PageMethod:
         if m is None:
             raise ValueError(
                 f"Unknown variant knob {knob!r} in {name!r}: expected [k|v] followed by "
-                f"prenorm, keepcodes, cover, clipN[@min], refitN, colfitN, itN or recentN"
+                f"prenorm, keepcodes, cover, byerr, clipN[@min], refitN, colfitN, itN or recentN"
             )
         target = fields[m[1]]
         if m[2] == "prenorm":
@@ -269,6 +305,8 @@ def parse_variant(name: str, head_dim: int, page_size: int = 128) -> PageMethod:
             target["reround"] = False
         elif m[2] == "cover":
             target["cover"] = True
+        elif m[2] == "byerr":
+            target["by_error"] = True
         else:
             target[key[m[3]]] = int(m[4])
             if m[5]:

@@ -10,6 +10,10 @@
 * ``pages``: a page's life in one place: for a pass, which pages get a new slot, which are
   sinks, which commit from a slot and which commit straight from the new tokens;
 * ``forward_plan``: that decision turned into device tensors for one forward pass;
+* ``host_pool``, ``hicache``: the host tier of SGLang's hierarchical cache
+  (``--enable-hierarchical-cache``): packed page records in host memory (sink pages fp16),
+  and the cache controller and stack strategy that SGLang uses for a KVarN pool
+  (``docs/hicache.md``);
 * ``backend``: ``KVarNAttnBackend``, SGLang's attention backend over the pool;
   ``request_guard``: isolates a request whose K/V turn non-finite.
 

@@ -35,6 +35,7 @@ class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
     """
 
     _tree_cache = None
+    hicache = None  # the KVarN HiCache controller (``hicache``), with --enable-hierarchical-cache
     idle_checks = 0  # how often SGLang's idle memory check ran ``verify_byte_accounting``
     sink_evictions = 0  # cached subtrees evicted to free a sink slot
     admissions_waited_for_slots = 0  # candidates the admission hook kept waiting
@@ -87,7 +88,9 @@ class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
         if store is None or pool is None:
             return None
         store.flush_released()
-        rows = sorted(set(range(1, pool.size + 1)) - set(pool.free_slots))
+        # Every row but the padding row 0 (a PD decode server has rows beyond ``pool.size``
+        # for requests waiting for their KV).
+        rows = sorted(set(range(1, pool.req_to_token.shape[0])) - set(pool.free_slots))
         g, sink = self.page_size, store.config.sink_pages
         live: set[int] = set()
         if rows and sink:
@@ -138,6 +141,18 @@ class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
             return None
         out = super().alloc(need_size)
         return self._assign(out, list(range(0, need_size, self.page_size)), [])
+
+    def alloc_loaded(self, need_size: int, sink_offsets: list[int]) -> torch.Tensor | None:
+        """Pages for ``need_size`` tokens loaded back from the host tier (HiCache): they are
+        complete, so only the pages at ``sink_offsets`` (page positions within the
+        allocation) take an fp16 slot, and they are sink pages; None if pages or slots are
+        short."""
+        store = self._store()
+        if store is not None and not self.make_slot_room(self._tree_cache, len(sink_offsets)):
+            return None
+        out = PagedTokenToKVPoolAllocator.alloc(self, need_size)
+        rows = [j * self.page_size for j in sink_offsets]
+        return self._assign(out, rows, rows)
 
     def alloc_extend(
         self, prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, last_loc, extend_num_tokens,
@@ -194,6 +209,8 @@ class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
             "sink pages without an fp16 slot": int((self._sinks() & ~held).sum()),
         }
         violations += [f"kvarn: {n} {what}" for what, n in checks.items() if n]
+        if self.hicache is not None and not self.hicache.has_inflight_device_transfers():
+            violations += self.hicache.host_pool.verify()
         return violations
 
     def kvarn_state(self) -> dict:
@@ -216,6 +233,7 @@ class KVarNPagedAllocator(PagedTokenToKVPoolAllocator):
             "idle_checks": self.idle_checks,
             "sink_evictions": self.sink_evictions,
             "admissions_waited_for_slots": self.admissions_waited_for_slots,
+            **({"hicache": self.hicache.state()} if self.hicache is not None else {}),
         }
 
     def clear(self) -> None:

@@ -179,9 +179,12 @@ class KVarNAttnBackend(AttentionBackend):
         if not save_kv_cache:
             raise ValueError("KVarN needs every K/V write through the pool (save_kv_cache=True)")
         store, plan = self.pool.store, self.plan
+        local = layer.layer_id - self.pool.start_layer
+        # Pages loaded back from host memory (HiCache) arrive layer by layer: this layer's
+        # must have landed before it commits or reads anything.
+        self.pool.wait_for_layer(local)
         k, v = screen(k, v, plan, layer.layer_id)
         self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
-        local = layer.layer_id - self.pool.start_layer
         # Screened: nothing non-finite reaches a commit, so the commit's own check (a host
         # synchronisation per layer on CUDA) is skipped.
         slot_pages = pages_to_commit(plan.slot_commits, plan.slot_commit_rows, plan)

@@ -17,7 +17,8 @@ slots never crash a server, they only make requests wait. What a server needs at
   share its sink slot, so an agent's system prompt costs one sink for all its branches;
 * cached prefixes nobody runs keep their sink slot until slot-aware eviction needs it.
 
-The default keeps ``max(16, running // 8)`` distinct sinks beside the running requests.
+The default keeps ``max(16, running // 8)`` distinct sinks beside the running requests; on a
+PD decode server, whose requests share no cached prefix, every running request its own.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def default_num_slots(max_running_requests: int, sink_pages: int) -> int:
     """fp16 page slots by default: a filling page per running request plus the sink pages of
     ``default_distinct_sinks`` distinct prefixes."""
     return max_running_requests + sink_pages * default_distinct_sinks(max_running_requests)
+
+
+def decode_num_slots(max_running_requests: int, sink_pages: int) -> int:
+    """fp16 page slots by default on a PD decode server: its requests arrive from a prefill
+    server with their own sink pages (it keeps no prefix cache), so each running request
+    holds its sink pages and a filling page."""
+    return max_running_requests * (sink_pages + 1)
 
 
 def min_num_slots(max_running_requests: int, sink_pages: int) -> int:

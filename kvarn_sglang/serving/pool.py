@@ -119,5 +119,49 @@ class KVarNTokenToKVPool(MHATokenToKVPool):
         layer_id = layer.layer_id if layer_id is None else layer_id
         self.store.write(layer_id - self.start_layer, loc, cache_k, cache_v)
 
+    def host_pool_decls(self):
+        """The host pool HiCache keeps for this pool: packed records (``host_pool``), built by
+        ``hicache.KVarNHostPoolBuilder``; ``hicache.KVarNStackStrategy`` assembles it."""
+        from kvarn_sglang.serving.hicache import kvarn_host_pool_decl
+
+        return (kvarn_host_pool_decl(self),)
+
+    def wait_for_layer(self, layer_id: int) -> None:
+        """Wait until HiCache has loaded layer ``layer_id`` (local) of the pages a pass reads
+        back from host memory (SGLang's layer-wise loading; a no-op without HiCache)."""
+        if self.layer_transfer_counter is not None:
+            self.layer_transfer_counter.wait_until(layer_id)
+
+    # ------------------------------------------------------------ PD disaggregation (``pd``)
+    def get_contiguous_buf_infos(self) -> tuple[list[int], list[int], list[int]]:
+        """The packed page regions SGLang's transfer engines move, one per layer."""
+        from kvarn_sglang.serving.pd import packed_buffer_infos
+
+        return packed_buffer_infos(self.store)
+
+    def get_kv_layer_ids(self) -> list[int]:
+        """Model layer id of each region of ``get_contiguous_buf_infos``."""
+        from kvarn_sglang.serving.pd import layer_ids
+
+        return layer_ids(self.layer_num, self.start_layer)
+
+    def pd_kv_layout(self) -> str:
+        """What a PD peer must store alike (``pd.pd_layout``)."""
+        from kvarn_sglang.serving.pd import pd_layout
+
+        return pd_layout(self.kvarn_config, self.dtype)
+
+    def get_cpu_copy(self, indices, mamba_indices=None, req_pool_index=None):
+        """A request's pages in host memory (PD decode retraction, ``retraction_backup``)."""
+        from kvarn_sglang.serving.retraction_backup import backup_pages
+
+        return backup_pages(self.store, indices)
+
+    def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None, req_pool_index=None):
+        """Restore ``get_cpu_copy``'s pages into the pages now at token slots ``indices``."""
+        from kvarn_sglang.serving.retraction_backup import restore_pages
+
+        restore_pages(self.store, kv_cache_cpu, indices)
+
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor) -> None:
         raise NotImplementedError("KVarN does not support speculative decoding yet")

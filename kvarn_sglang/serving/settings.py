@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvarn_sglang.format.config import DEFAULT_PRESET, KVarNConfig, get_preset
-from kvarn_sglang.serving.capacity import default_num_slots
+from kvarn_sglang.serving.capacity import decode_num_slots, default_num_slots
 
 KV_CACHE_CHOICE = "kvarn"
 DEFAULT_MAX_RUNNING_REQUESTS = 128
@@ -23,13 +23,18 @@ class KVarNSettings:
     sink_pages: int = 1
     slots: int | None = None
     max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS
+    disaggregation_mode: str = "null"
 
     def config(self, head_dim: int) -> KVarNConfig:
         return get_preset(self.preset, head_dim=head_dim, sink_pages=self.sink_pages)
 
     @property
     def num_slots(self) -> int:
-        return self.slots or default_num_slots(self.max_running_requests, self.sink_pages)
+        if self.slots:
+            return self.slots
+        if self.disaggregation_mode == "decode":
+            return decode_num_slots(self.max_running_requests, self.sink_pages)
+        return default_num_slots(self.max_running_requests, self.sink_pages)
 
 
 def settings_of(server_args) -> KVarNSettings | None:
@@ -42,6 +47,7 @@ def settings_of(server_args) -> KVarNSettings | None:
         slots=getattr(server_args, "_kvarn_slots", None),
         max_running_requests=getattr(server_args, "max_running_requests", None)
         or DEFAULT_MAX_RUNNING_REQUESTS,
+        disaggregation_mode=getattr(server_args, "disaggregation_mode", None) or "null",
     )
 
 

@@ -169,9 +169,24 @@ def _evict_unified(tree, page: int, page_size: int, sink_pages: int) -> int:
             path = core.collect_path_info([node_id])[0]
             if any(page in pages_of(info) for info in path):
                 holds = page in pages_of(path[-1])
-                tree._evict_device_leaf(node_id, tracker)
+                _evict_unified_leaf(tree, node_id, tracker)
                 if holds:
                     break  # the node holding the sink page is gone: its slot is back
     finally:
         core.evict_device_end(full)
     return tracker[full]
+
+
+def _evict_unified_leaf(tree, node_id, tracker) -> None:
+    """Evict one device leaf the way ``UnifiedRadixCache._evict_components`` does: with
+    HiCache a backed-up leaf is demoted to host memory (its device pages and sink slot freed,
+    its host copy kept); under ``--hicache-write-policy write_back`` an unbacked leaf is backed
+    up first and then demoted, or dropped when host memory cannot take it."""
+    backup = tree._evict_device_leaf(node_id, tracker)
+    if backup is None:
+        return
+    if tree._execute_and_commit_kv_backup(backup, write_back=True) > 0:
+        tree.writing_check(write_back=True)
+        tree._demote(node_id, tracker)
+    else:
+        tree._drop_subtree_no_host(node_id, tracker)
