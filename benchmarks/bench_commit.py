@@ -7,6 +7,11 @@ per step is ``time(commit B pages) * layers / G``. It is compared with KVarN dec
 for the same batch (all layers) and with reading the model's fp16 weights once (a lower
 bound on a decode step).
 
+It also times the attention part of a decode step (all layers) that completes ``B/G`` pages
+(at least one): without a commit, with the commit in line before each layer's attention (the
+order before the commit moved off the critical path), and with the commit after attention on
+a side stream joined at the end of the step (what the backend does now).
+
     python -m benchmarks.bench_commit --output benchmarks/results/commit_h100.json
 """
 
@@ -23,6 +28,39 @@ from benchmarks.harness.random_store import random_store
 from kvarn_sglang.format.config import get_preset
 from kvarn_sglang.kernels.commit import commit_pages
 from kvarn_sglang.kernels.decode import decode_attention
+
+
+def decode_step_us(cache, table, lens, q, cfg, layers: int, pages: int, args) -> dict:
+    """Microseconds of ``layers`` decode attentions with ``pages`` pages committed per layer
+    from the fp16 slots in place: none, in line before attention, or after it on a side
+    stream (joined at the end)."""
+    dev = q.device
+    page_ids = torch.arange(1, pages + 1, device=dev)
+    slots = torch.zeros(pages, dtype=torch.long, device=dev)
+    side = torch.cuda.Stream() if dev.type == "cuda" else None
+    d = cfg.head_dim
+
+    def commit():
+        commit_pages(
+            cache.slot_k, cache.slot_v, cfg, cache.packed, page_ids,
+            check_finite=False, skip_row0=True, in_index=slots,
+        )  # fmt: skip
+
+    def step(mode: str):
+        for _ in range(layers):
+            if mode == "inline":
+                commit()
+            decode_attention(q, cache, table, lens, cfg, d**-0.5)
+            if mode == "side" and side is not None:
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    commit()
+            elif mode == "side":
+                commit()
+        if mode == "side" and side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+
+    return {m: time_fn(partial(step, m), args) for m in ("none", "inline", "side")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,8 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         q = torch.randn(batch, args.q_heads, d, dtype=torch.float16, device=dev)
         attend = partial(decode_attention, q, cache, table, lens, cfg, d**-0.5)
         attn_us = args.layers * time_fn(attend, args)
+        pages = max(1, batch // g)
+        layers = 1 if args.smoke else args.layers  # the interpreter's commit is slow
+        step = decode_step_us(cache, table, lens, q, cfg, layers, pages, args)
         row = {
             "batch": batch,
+            "decode_step_attention_us": step,
+            "completing_pages": pages,
             "commit_us_one_layer": commit_us,
             "commit_us_per_step": per_step,
             "decode_attention_us_per_step": attn_us,

@@ -10,6 +10,9 @@ For each context length, batch and GQA ratio (head_dim 128, 8 KV heads by defaul
 * ``sdpa``: torch SDPA on contiguous fp16 K/V, the no-paging ideal;
 * ``sglang-fp8``: SGLang's Triton ``decode_attention_fwd`` on fp8 e4m3 K/V, when sglang
   imports (it does not on the device machine, which has no sglang);
+* ``flashinfer``: FlashInfer's paged decode (``BatchDecodeWithPagedKVCacheWrapper``) over fp16
+  pages of G tokens, SGLang's default GPU attention: the fp16 baseline, when flashinfer
+  imports (the ``sglang`` extra declares it; an error is recorded in the row, not raised);
 
 and prints microseconds, bytes read, effective GB/s, percent of HBM peak and speedup over
 fp16-paged. ``--smoke`` runs tiny shapes through the Triton interpreter on CPU (the test
@@ -62,6 +65,35 @@ def sglang_decode(q: torch.Tensor, ctx: int, hkv: int, dtype: torch.dtype, args)
     return time_fn(run, args), 2 * tokens * hkv * d * k.element_size()
 
 
+def flashinfer_decode(q: torch.Tensor, ctx: int, hkv: int, page: int, args):
+    """Time FlashInfer's paged decode over fp16 pages ``[P, G, Hkv, D]`` (NHD). Returns
+    ``(us, bytes)``, None without flashinfer, or the error's text."""
+    try:
+        import flashinfer
+    except Exception:  # absent here
+        return None
+    try:
+        batch, hq, d = q.shape
+        dev = q.device
+        per = -(-ctx // page)
+        k = torch.randn(batch * per, page, hkv, d, dtype=q.dtype, device=dev)
+        v = torch.randn_like(k)
+        ws = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            ws, "NHD", use_tensor_cores=hq // hkv >= 4
+        )
+        wrapper.plan(
+            torch.arange(0, batch * per + 1, per, dtype=torch.int32, device=dev),
+            torch.randperm(batch * per, device=dev).int(),
+            torch.full((batch,), ctx - (per - 1) * page, dtype=torch.int32, device=dev),
+            hq, hkv, d, page, q_data_type=q.dtype, kv_data_type=k.dtype,
+        )  # fmt: skip
+        us = time_fn(lambda: wrapper.run(q, (k, v)), args)
+        return us, 2 * batch * ctx * hkv * d * k.element_size()
+    except Exception as err:  # an API or driver mismatch: recorded, not fatal
+        return f"{type(err).__name__}: {err}"
+
+
 def bench_case(ctx: int, batch: int, group: int, args) -> dict:
     dev, hkv, d = args.device, args.kv_heads, args.head_dim
     cfg = get_preset(args.preset, head_dim=d)
@@ -98,6 +130,16 @@ def bench_case(ctx: int, batch: int, group: int, args) -> dict:
         us = time_fn(lambda: torch.nn.functional.scaled_dot_product_attention(qq, kk, vv), args)
         nbytes = 2 * k.numel() * 2
         row["sdpa"] = {"us": us, "bytes": nbytes, "gbs": nbytes / us / 1e3}
+    if dev == "cuda" and baselines:
+        timed = flashinfer_decode(q, ctx, hkv, cfg.page_size, args)
+        if isinstance(timed, str):
+            row["flashinfer_error"] = timed
+        elif timed is not None:
+            row["flashinfer"] = {
+                "us": timed[0],
+                "bytes": timed[1],
+                "gbs": timed[1] / timed[0] / 1e3,
+            }
     fp8 = torch.float8_e4m3fn if dev == "cuda" else torch.float16  # no fp8 in the interpreter
     for name, dtype in (("sglang-fp16", torch.float16), ("sglang-fp8", fp8))[: 2 * baselines]:
         timed = sglang_decode(q, ctx, hkv, dtype, args)
@@ -114,6 +156,8 @@ def bench_case(ctx: int, batch: int, group: int, args) -> dict:
         row["speedup_vs_fp8_paged"] = row["fp8-paged"]["us"] / row["kvarn"]["us"]
     if "sglang-fp8" in row:
         row["speedup_vs_sglang_fp8"] = row["sglang-fp8"]["us"] / row["kvarn"]["us"]
+    if "flashinfer" in row:
+        row["speedup_vs_flashinfer"] = row["flashinfer"]["us"] / row["kvarn"]["us"]
     return row
 
 
@@ -153,22 +197,25 @@ def main(argv: list[str] | None = None) -> int:
 def print_row(r: dict) -> None:
     if not hasattr(print_row, "header"):
         print(
-            "| ctx | batch | gqa | kvarn us | fp16-paged us | fp8-paged us | sglang fp8 us "
-            "| sdpa us | kvarn GB/s | kvarn %HBM | vs fp16-paged | vs fp8-paged |"
+            "| ctx | batch | gqa | kvarn us | flashinfer us | fp16-paged us | fp8-paged us "
+            "| sglang fp8 us | sdpa us | kvarn GB/s | kvarn %HBM | vs flashinfer "
+            "| vs fp16-paged | vs fp8-paged |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         print_row.header = True
-    sdpa, fp8, sgl8 = (
-        f"{r[n]['us']:.1f}" if n in r else "-" for n in ("sdpa", "fp8-paged", "sglang-fp8")
+    sdpa, fp8, sgl8, fi = (
+        f"{r[n]['us']:.1f}" if n in r else "-"
+        for n in ("sdpa", "fp8-paged", "sglang-fp8", "flashinfer")
     )
+    vsfi = f"{r['speedup_vs_flashinfer']:.2f}x" if "speedup_vs_flashinfer" in r else "-"
     vs8 = f"{r['speedup_vs_fp8_paged']:.2f}x" if "speedup_vs_fp8_paged" in r else "-"
     vs16 = f"{r['speedup_vs_fp16_paged']:.2f}x" if "speedup_vs_fp16_paged" in r else "-"
     fp16 = f"{r['fp16-paged']['us']:.1f}" if "fp16-paged" in r else "-"
     pct = f"{r['kvarn'].get('pct_hbm', 0):.0f}" if "pct_hbm" in r["kvarn"] else "-"
     print(
-        f"| {r['context']} | {r['batch']} | {r['gqa']} | {r['kvarn']['us']:.1f} "
+        f"| {r['context']} | {r['batch']} | {r['gqa']} | {r['kvarn']['us']:.1f} | {fi} "
         f"| {fp16} | {fp8} | {sgl8} | {sdpa} "
-        f"| {r['kvarn']['gbs']:.0f} | {pct} "
+        f"| {r['kvarn']['gbs']:.0f} | {pct} | {vsfi} "
         f"| {vs16} | {vs8} |"
     )
 

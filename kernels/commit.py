@@ -37,11 +37,13 @@ from kvarn_sglang.kernels.quantize_tile import _quantize_tile, fresh
 from kvarn_sglang.kernels.validate import compiled, hadamard_signs
 
 
-@triton.jit
+# The number of tiles varies from pass to pass: not specialized on (one compiled variant).
+@triton.jit(do_not_specialize=["n_tiles"])
 def _commit_tile_kernel(
-    x_ptr, stride_xp, stride_xg, stride_xh,  # [P, G, H, D] input, last stride 1
+    x_ptr, stride_xp, stride_xg, stride_xh,  # [P or S, G, H, D] input, last stride 1
     sign_ptr,  # [D, D] Hadamard signs (+1/-1) in OP
     index_ptr,  # [P] int64 record row of each page
+    src_ptr,  # [P] int64 input row of each page (with SRC_INDEX: the pool's fp16 slots)
     out_u8_ptr, out_f16_ptr, stride_or, stride_oh,  # records; strides in bytes
     scratch_ptr,  # fp32, per program: two tiles [G * D] (values, codes), 3 R + C values
     codes_off, scale_off, zero_off, norm_off,  # field offsets in bytes
@@ -50,7 +52,7 @@ def _commit_tile_kernel(
     BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, REFIT: tl.constexpr,
     LOG_LO: tl.constexpr, LOG_HI: tl.constexpr, STD_LO: tl.constexpr, STD_HI: tl.constexpr,
     SCALE_LO: tl.constexpr, SKIP_ROW0: tl.constexpr, OP: tl.constexpr, CB: tl.constexpr,
-    OPAQUE: tl.constexpr,
+    OPAQUE: tl.constexpr, SRC_INDEX: tl.constexpr,
 ):  # fmt: skip
     # Persistent: program i quantizes tiles i, i + programs, ... (tile = page * H + head).
     tok = tl.arange(0, G)
@@ -70,7 +72,10 @@ def _commit_tile_kernel(
             # holds 32 columns per thread and spills the per-column vectors), with rows
             # contiguous ([R, C]: rows = channels for K, tokens for V), which keeps the
             # refit's per-row vectors small.
-            x_tile = x_ptr + page * stride_xp + head * stride_xh + tok[:, None] * stride_xg
+            src = page
+            if SRC_INDEX:  # read in place: nothing is gathered, a skipped row reads nothing
+                src = tl.load(src_ptr + page)
+            x_tile = x_ptr + src * stride_xp + head * stride_xh + tok[:, None] * stride_xg
             for cb in tl.static_range(D // CB):
                 # The previous tile's reads are done; one column block at a time (the
                 # compiler would otherwise overlap two blocks' accumulators).
@@ -128,11 +133,14 @@ def commit_pages(
     *,
     check_finite: bool = True,
     skip_row0: bool = False,
+    in_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize full pages into KVarN records (Triton twin of ``ref_commit_pages``).
 
     Args:
-        k, v: ``[num_pages, G, num_kv_heads, head_dim]`` fp16 or bf16, last dim contiguous.
+        k, v: ``[num_pages, G, num_kv_heads, head_dim]`` fp16 or bf16, last dim contiguous;
+            with ``in_index``, ``[num_rows, G, num_kv_heads, head_dim]`` (the pool's fp16
+            slots) of which row ``in_index[i]`` is page i, read in place.
         config: a KVarN config without quantile clipping (``refit_iters`` as the reference).
         out: ``uint8 [num_records, num_kv_heads, page_bytes]`` to write into (the pool's packed
             store); allocated with ``num_records = num_pages`` when None.
@@ -141,7 +149,8 @@ def commit_pages(
             Unlike the reference, the kernel does not check that a tile fits the fp16
             metadata range (finite bf16 values beyond about 1e9 would store Inf scales).
         skip_row0: pages whose ``out_index`` is 0 are skipped (SGLang's padding page pads
-            the fixed-size commit list of a CUDA-graph decode step).
+            the fixed-size commit list of a CUDA-graph decode step): they read nothing.
+        in_index: ``int64 [num_pages]`` the row of k/v holding each page (no copy).
     Returns:
         ``out``.
     """
@@ -168,6 +177,13 @@ def commit_pages(
     if v.device != k.device:
         raise ValueError(f"Invalid device of v: expected {k.device}, got {v.device}")
     p, _, h, _ = k.shape
+    if in_index is not None:
+        if in_index.dim() != 1 or in_index.dtype != torch.int64:
+            raise ValueError(
+                f"Invalid shape of in_index: expected [num_pages] int64, got "
+                f"{list(in_index.shape)} {in_index.dtype}"
+            )
+        p = in_index.shape[0]
     layout = config.layout
     if out is None:
         out = torch.zeros(p, h, layout.page_bytes, dtype=torch.uint8, device=k.device)
@@ -186,8 +202,9 @@ def commit_pages(
             f"{out_index.dtype}"
         )
     if check_finite:
-        check_pages("k", k, g, d)
-        check_pages("v", v, g, d)
+        rows = (lambda x: x) if in_index is None else (lambda x: x[in_index])
+        check_pages("k", rows(k), g, d)
+        check_pages("v", rows(v), g, d)
     if p == 0:
         return out
     out_f16 = out.view(torch.float16)
@@ -205,7 +222,7 @@ def commit_pages(
         }
         _commit_tile_kernel[(programs,)](
             x, x.stride(0), x.stride(1), x.stride(2),
-            sign, out_index,
+            sign, out_index, out_index if in_index is None else in_index,
             out, out_f16, out.stride(0), out.stride(1), scratch,
             f["codes"], f["scale"], f["zero"], f["norm"],
             1.0 / math.sqrt(d), config.sinkhorn_iters, p * h, h,
@@ -217,7 +234,7 @@ def commit_pages(
             # scratch layout leaves room for 64 columns at a time only) and opaque scratch
             # addresses (kernels.quantize_tile.fresh) above 128 x 128 tiles.
             CB=64 if per_channel and d > 128 else min(d, 128),
-            OPAQUE=op != torch.float32 and g * d > 128 * 128,
+            OPAQUE=op != torch.float32 and g * d > 128 * 128, SRC_INDEX=in_index is not None,
             num_warps=commit_warps(g, d), num_stages=1,
         )  # fmt: skip
     return out

@@ -56,17 +56,19 @@ SPLIT_STAGES = 2
 FP16_BLOCK = 16
 
 
-@triton.jit
+# Shape-dependent integers are runtime values Triton does not specialize on, so one compiled
+# variant serves every batch, context and split count (``kernels.warmup`` compiles it at start).
+@triton.jit(do_not_specialize=["stride_tb", "splits"])
 def _decode_split_kernel(
     q_ptr, qr_ptr,  # [B, Hq, D] fp32 plain and rotated queries, contiguous
     pk_u8_ptr, pk_f16_ptr, stride_pp, stride_ph,  # packed records, strides in bytes
     sk_ptr, sv_ptr, stride_ss, stride_sg, stride_sh,  # fp16/bf16 slots [S, G, Hkv, D]
     page_slot_ptr, table_ptr, stride_tb, seq_lens_ptr,
     mid_m_ptr, mid_l_ptr, mid_ar_ptr, mid_ap_ptr,  # [B, Hq, S] and [B, Hq, S, D] fp32
-    qk_scale, sink_pages,
+    qk_scale, sink_pages, splits,
     kc_off, vc_off, ks_off, kz_off, kn_off, vs_off, vz_off, vn_off,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_H: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_H: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     DT: tl.constexpr, OP: tl.constexpr, ASM: tl.constexpr, FB: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
@@ -76,11 +78,11 @@ def _decode_split_kernel(
     own = (n - 1) // G
     sinks = tl.minimum(sink_pages, own)
     # Packed pages [sinks, own) and fp16 pages (sinks, then the own page) are each cut into
-    # SPLITS contiguous chunks; split s runs chunk s of both.
-    per_split = tl.cdiv(own - sinks, SPLITS)
+    # ``splits`` contiguous chunks; split s runs chunk s of both.
+    per_split = tl.cdiv(own - sinks, splits)
     p_start = sinks + split * per_split
     p_end = tl.minimum(p_start + per_split, own)
-    f_per = tl.cdiv(sinks + 1, SPLITS)
+    f_per = tl.cdiv(sinks + 1, splits)
     f_start = split * f_per
     f_end = tl.minimum(f_start + f_per, sinks + 1)
 
@@ -128,20 +130,20 @@ def _decode_split_kernel(
         )  # fmt: skip
         a0, a1, a2, a3 = rescale_quarters(a0, a1, a2, a3, alpha)
 
-    mid = (b * HQ + heads) * SPLITS + split
+    mid = (b * HQ + heads) * splits + split
     tl.store(mid_m_ptr + mid, m_i, mask=hmask)
     tl.store(mid_l_ptr + mid, l_i, mask=hmask)
     store_quarters(mid_ar_ptr + mid[None, :] * D + cq[:, None], a0, a1, a2, a3, qm, Q)
     store_quarters(mid_ap_ptr + mid[None, :] * D + cq[:, None], c0, c1, c2, c3, qm, Q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def _decode_merge_kernel(
     mid_m_ptr, mid_l_ptr, mid_ar_ptr, mid_ap_ptr,
     sign_ptr,  # [D, D] fp16 Hadamard signs (+1/-1)
-    out_ptr, inv_sqrt_d,
+    out_ptr, inv_sqrt_d, splits,
     HQ: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
-    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -150,14 +152,14 @@ def _decode_merge_kernel(
     heads = kvh * GROUP + hh
     ch = tl.arange(0, D)
     m_all = tl.full((BLOCK_H,), float("-inf"), tl.float32)
-    for s in range(SPLITS):
-        m_s = tl.load(mid_m_ptr + (b * HQ + heads) * SPLITS + s, mask=hmask, other=float("-inf"))
+    for s in range(splits):
+        m_s = tl.load(mid_m_ptr + (b * HQ + heads) * splits + s, mask=hmask, other=float("-inf"))
         m_all = tl.maximum(m_all, m_s)
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
     l_all = tl.zeros((BLOCK_H,), tl.float32)
     acc_r = tl.zeros((BLOCK_H, D), tl.float32)
-    for s in range(SPLITS):
-        mid = (b * HQ + heads) * SPLITS + s
+    for s in range(splits):
+        mid = (b * HQ + heads) * splits + s
         w = tl.exp2(tl.load(mid_m_ptr + mid, mask=hmask, other=float("-inf")) - m_safe)
         l_all += w * tl.load(mid_l_ptr + mid, mask=hmask, other=0.0)
         off = mid[:, None] * D + ch[None, :]
@@ -178,8 +180,8 @@ def _decode_merge_kernel(
         col = c * BLOCK_N + nn
         sign = tl.load(sign_ptr + ch[:, None] * D + col[None, :])
         out = (tl.dot(hi, sign) + tl.dot(lo, sign)) * unscale[:, None]
-        for s in range(SPLITS):  # the plain part of these columns
-            mid = (b * HQ + heads) * SPLITS + s
+        for s in range(splits):  # the plain part of these columns
+            mid = (b * HQ + heads) * splits + s
             w = tl.exp2(tl.load(mid_m_ptr + mid, mask=hmask, other=float("-inf")) - m_safe)
             off = mid[:, None] * D + col[None, :]
             ap = tl.load(mid_ap_ptr + off, mask=hmask[:, None], other=0.0)
@@ -247,17 +249,17 @@ def _launch(q, cache, page_table, seq_lens, config, sm_scale, splits, model_dtyp
         sk, sv, sk.stride(0), sk.stride(1), sk.stride(2),
         cache.page_slot, page_table, page_table.stride(0), seq_lens,
         mid_m, mid_l, mid_ar, mid_ap,
-        sm_scale * LOG2E, config.sink_pages,
+        sm_scale * LOG2E, config.sink_pages, splits,
         *record_offsets(config.layout),
         HQ=hq, G=config.page_size, D=d, GROUP=group, BLOCK_H=block_h,
-        K_BITS=config.k_bits, V_BITS=config.v_bits, SPLITS=splits,
+        K_BITS=config.k_bits, V_BITS=config.v_bits,
         DT=dt, OP=op, ASM=compiled(_decode_split_kernel), FB=FP16_BLOCK,
         num_warps=SPLIT_WARPS, num_stages=SPLIT_STAGES,
     )  # fmt: skip
     out = torch.empty(b, hq, d, dtype=torch.float32, device=q.device)
     _decode_merge_kernel[(b, hkv)](
-        mid_m, mid_l, mid_ar, mid_ap, hadamard_signs(d, q.device), out, d**-0.5,
-        HQ=hq, D=d, GROUP=group, BLOCK_H=block_h, SPLITS=splits, BLOCK_N=min(d, 64),
+        mid_m, mid_l, mid_ar, mid_ap, hadamard_signs(d, q.device), out, d**-0.5, splits,
+        HQ=hq, D=d, GROUP=group, BLOCK_H=block_h, BLOCK_N=min(d, 64),
         num_warps=4,
     )  # fmt: skip
     return out.to(q.dtype)

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The GPU check: one command for a machine with a CUDA GPU, torch and Triton (no SGLang, no
-# network; e.g. torch 2.11 + Triton 3.6). In about 8 minutes it
+# network; e.g. torch 2.11 + Triton 3.6). In about 8 minutes (the step limits add to 11) it
 #   1. runs the kernel tests on CUDA against the reference (the inline-asm paths included);
 #   2. times decode (contexts 4K/32K/128K, batch 1/32/128, GQA 4/8) against fp16-paged,
 #      fp8-paged and SDPA (benchmarks/bench_decode.py);
-#   3. times commit against a decode step (benchmarks/bench_commit.py);
+#   3. times commit against a decode step, and a decode step's attention with no completing
+#      page, with the commit in line and with it after attention on a side stream
+#      (benchmarks/bench_commit.py);
 #   4. captures one decode step (write, commit, attend) in a CUDA graph and replays it
 #      (benchmarks/graph_decode_check.py);
-# and writes decode_<gpu>.json, commit_<gpu>.json, graph_<gpu>.json and the logs to $OUT when
-# set, else benchmarks/results/.
+#   5. times prefill over a packed prefix (4K/32K/128K tokens, 1K and 8K new, GQA 4/8) against
+#      FlashInfer's paged prefill when it imports, SGLang's Triton extend when sglang imports,
+#      and SDPA, all on fp16 K/V of the same shapes (benchmarks/bench_prefill.py);
+# and writes decode_<gpu>.json, commit_<gpu>.json, graph_<gpu>.json, prefill_<gpu>.json and
+# the logs to $OUT when set, else benchmarks/results/.
 #
 #   bash scripts/gpu_check.sh            # on the GPU machine
 #   bash scripts/gpu_check.sh --dry-run  # anywhere: every step on CPU, tiny, interpreted
@@ -66,6 +71,7 @@ if [[ $DRY == 1 ]]; then
     step decode 300 $PY -m benchmarks.bench_decode --smoke --output "$DEST/decode_$GPU.json"
     step commit 300 $PY -m benchmarks.bench_commit --smoke --output "$DEST/commit_$GPU.json"
     step graph 300 $PY -m benchmarks.graph_decode_check --smoke --output "$DEST/graph_$GPU.json"
+    step prefill 300 $PY -m benchmarks.bench_prefill --smoke --output "$DEST/prefill_$GPU.json"
 else
     XDIST=""
     $PY -c "import xdist" 2> /dev/null && XDIST="-n 8"
@@ -77,6 +83,8 @@ else
     step commit 60 $PY -m benchmarks.bench_commit --batches 1,8,32,64,128 --warmup 3 \
         --iters 20 --output "$DEST/commit_$GPU.json"
     step graph 60 $PY -m benchmarks.graph_decode_check --output "$DEST/graph_$GPU.json"
+    step prefill 90 $PY -m benchmarks.bench_prefill --prefixes 4096,32768,131072 --new 1024,8192 \
+        --gqa 4,8 --warmup 2 --iters 5 --output "$DEST/prefill_$GPU.json"
 fi
 echo "gpu_check: $([[ $status == 0 ]] && echo ok || echo FAILED); results in $DEST"
 exit $status

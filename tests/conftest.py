@@ -104,7 +104,7 @@ def pytest_collection_finish(session):
     a ``@group`` suffix it writes into each node id, which pytest 9.2 silently ignores (its node
     ids became immutable), and then a group's tests land on both workers, start every shared
     server twice and run stateful tests out of order."""
-    if not session.config.getvalue("loadgroup"):
+    if not getattr(session.config.option, "loadgroup", False):
         return
     untagged = [
         item.nodeid

@@ -60,12 +60,13 @@ class SimRequest:
 class SimServer:
     def __init__(
         self, cfg: KVarNConfig, *, num_pages=48, num_slots=32, layers=2, hkv=2, group=2,
-        tree: str = "radix", dtype: torch.dtype = torch.float16,
+        tree: str = "radix", max_context: int | None = None, dtype: torch.dtype = torch.float16,
     ):  # fmt: skip
         g, d = cfg.page_size, cfg.head_dim
         self.cfg, self.g, self.d, self.hkv, self.hq = cfg, g, d, hkv, hkv * group
+        max_context = max_context or 16 * g
         self.req_pool = ReqToTokenPool(
-            size=16, max_context_len=16 * g, device="cpu", enable_memory_saver=False
+            size=16, max_context_len=max_context, device="cpu", enable_memory_saver=False
         )
         size = num_pages * g
         self.pool = KVarNTokenToKVPool(
@@ -99,7 +100,7 @@ class SimServer:
         ]  # fmt: skip
         gen = torch.Generator().manual_seed(0)
         self.tok_emb = torch.randn(layers, 64, 3, self.hq, d, generator=gen)
-        self.pos_emb = torch.randn(layers, 16 * g, 3, self.hq, d, generator=gen) * 0.5
+        self.pos_emb = torch.randn(layers, max_context, 3, self.hq, d, generator=gen) * 0.5
 
     # ------------------------------------------------------------------ the "model"
     def qkv(self, layer: int, tokens: list[int], start: int):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import bench_commit, bench_decode, bench_stress
+from benchmarks import bench_commit, bench_decode, bench_prefill, bench_stress
 
 
 def test_bench_decode_smoke(tmp_path, capsys):
@@ -26,6 +26,17 @@ def test_bench_commit_smoke(tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     assert row["batch"] == 2 and row["commit_us_per_step"] > 0
     assert row["commit_us_per_step"] == row["commit_us_one_layer"] * 2 / 128
+    assert set(row["decode_step_attention_us"]) == {"none", "inline", "side"}
+    assert all(us > 0 for us in row["decode_step_attention_us"].values())
+
+
+def test_bench_prefill_smoke(tmp_path, capsys):
+    out = tmp_path / "prefill.json"
+    assert bench_prefill.main(["--smoke", "--output", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert (row["prefix"], row["new"], row["gqa"]) == (256, 3, 4)
+    assert row["kvarn"]["us"] > 0 and row["sglang-triton"]["us"] > 0  # sglang imports on CPU
+    assert "| 256 | 3 | 4 |" in capsys.readouterr().out
 
 
 def test_bench_stress_smoke(tmp_path, capsys):

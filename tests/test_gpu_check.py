@@ -19,7 +19,7 @@ def test_gpu_check_dry_run(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "gpu_check: ok" in done.stdout
-    for name in ("decode", "commit", "graph"):
+    for name in ("decode", "commit", "graph", "prefill"):
         result = json.loads((tmp_path / f"{name}_dry-run.json").read_text())
         assert result["git_commit"]
     assert json.loads((tmp_path / "graph_dry-run.json").read_text())["ok"]

@@ -77,6 +77,35 @@ def test_a_scheduled_release_survives_the_static_buffer_being_refilled():
     assert store.free_slots == 3
 
 
+def _run_kernels(graph_bs: int | None):
+    """Decode steps through the Triton kernels (interpreted), three requests completing their
+    pages from the fp16 slots on the same step (the graph's commit list: 3 pages + padding)."""
+    server = SimServer(CFG, num_pages=12, num_slots=8, layers=1, hkv=1)
+    rng = random.Random(3)
+    reqs = [server.start([rng.randrange(64) for _ in range(2 * G - 2 + i)]) for i in (0, 0, 1)]
+    assert server.extend(reqs, [len(r.tokens) for r in reqs])  # the reference fills them
+    server.pool.store.use_kernels = True
+    for step in range(2):
+        for r in reqs:
+            r.tokens.append(step + r.row)
+        assert server.decode(reqs, graph_bs=graph_bs)
+    return server, reqs
+
+
+def test_graph_decode_kernels_commit_slots_in_place_as_eager_does():
+    eager, eager_reqs = _run_kernels(None)
+    graph, graph_reqs = _run_kernels(4)
+    # The same pages were committed from their slots (read in place, padding skipped): the
+    # packed records are identical. Outputs differ only by the split count (the graph's table
+    # is as wide as the longest context; test_decode_split_count_does_not_change_the_result).
+    assert torch.equal(graph.pool.store.packed[0], eager.pool.store.packed[0])
+    counts = graph.pool.store.commits[1:].tolist()  # page 0, the padding, is never a page
+    assert counts == eager.pool.store.commits[1:].tolist() and counts.count(1) == 3
+    for e, g in zip(eager_reqs, graph_reqs, strict=True):
+        for pos, outs in g.outputs.items():
+            torch.testing.assert_close(outs[0], e.outputs[pos][0], atol=5e-3, rtol=5e-3)
+
+
 def test_graph_metadata_needs_the_static_buffers():
     server = SimServer(CFG, num_pages=8, num_slots=4)
     req = server.start([1, 2, 3])

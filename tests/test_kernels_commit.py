@@ -93,6 +93,25 @@ def test_commit_skips_row_zero_entries_of_a_padded_commit_list():
     assert (store[[0, 1, 4]] == 7).all()
 
 
+def test_commit_reads_fp16_slots_in_place():
+    """Graph decode's commit: pages named by slot id in the pool's slot tensor, the static
+    list padded with page 0 (pointing at the scratch slot, garbage): no gather, same records."""
+    cfg = KVarNConfig(k_bits=4, v_bits=2, page_size=64, head_dim=64)
+    k, v = kv_like(3, 64, 2, 64, dtype=torch.float16)  # slots 0, 1 and the scratch slot 2
+    k[2] = float("nan")
+    store = torch.full((5, 2, cfg.page_bytes), 7, dtype=torch.uint8, device=device())
+    pages, slots = torch.tensor([3, 0, 1]), torch.tensor([1, 2, 0])
+    commit_pages(
+        k.to(device()), v.to(device()), cfg, store, pages.to(device()),
+        check_finite=False, skip_row0=True, in_index=slots.to(device()),
+    )  # fmt: skip
+    store = store.cpu()
+    _compare(store[[3, 1]], ref_commit_pages(k[[1, 0]], v[[1, 0]], cfg), cfg)
+    assert (store[[0, 2, 4]] == 7).all()
+    with pytest.raises(ValueError, match="Invalid shape of in_index"):
+        commit_pages(k, v, cfg, store, pages, in_index=slots.int())
+
+
 def test_commit_rejects_non_finite_input_without_writing():
     cfg = KVarNConfig(k_bits=4, v_bits=2, page_size=64, head_dim=64)
     k, v = kv_like(2, 64, 1, 64, dtype=torch.float16)

@@ -51,6 +51,10 @@ K4V2_D64_PAGE_BYTES = 7296
 # Logprobs of the same tokens through PD and through one server: identical on the CPU (the
 # same kernels over the same bytes); the bound allows for a batch composed differently.
 LOGPROB_TOL = 1e-3
+# Concurrent requests are batched differently by the PD pair and by one server; in bf16 that
+# alone moved an input logprob by 0.24 (measured, the 90-token prompt, all fp16 sink page),
+# while a page of another request or a stale slot moves them by whole nats.
+CONCURRENT_LOGPROB_TOL = 0.5
 # The decode server gives up on a transfer after this long (SGLang's waiting timeout).
 WAITING_TIMEOUT_S = 20
 
@@ -91,13 +95,13 @@ def _logprobs(answer: dict, key: str) -> torch.Tensor:
     return torch.tensor([x[0] for x in answer["meta_info"][key] if x[0] is not None])
 
 
-def _assert_same(pd: dict, single: dict, what: str) -> None:
+def _assert_same(pd: dict, single: dict, what: str, tol: float = LOGPROB_TOL) -> None:
     assert pd["output_ids"] == single["output_ids"], what
     for key in ("input_token_logprobs", "output_token_logprobs"):
         a, b = _logprobs(pd, key), _logprobs(single, key)
         assert a.shape == b.shape, (what, key, a.shape, b.shape)
         diff = (a - b).abs().max().item()
-        assert diff <= LOGPROB_TOL, f"{what}: {key} differ by {diff}"
+        assert diff <= tol, f"{what}: {key} differ by {diff}"
 
 
 @pytest.mark.parametrize(
@@ -135,7 +139,8 @@ def test_concurrent_requests(fleet):
         for t in threads:
             t.join()
     for i in range(4):
-        _assert_same(answers["pd", i], answers["single", i], f"concurrent prompt {i}")
+        what = f"concurrent prompt {i}"
+        _assert_same(answers["pd", i], answers["single", i], what, CONCURRENT_LOGPROB_TOL)
 
 
 def test_continuation_of_an_answer(fleet):

@@ -169,3 +169,47 @@ def test_random_operations_leave_no_leak_and_stay_exact(tree):
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+def test_decode_commits_a_completed_page_after_its_attention(monkeypatch):
+    """A decode step's completing token reads its own page in fp16, so the backend commits
+    the page after the layer's attention (on CUDA on a side stream; here in line, the same
+    order of effects), while extend commits before attention, where later tokens of the same
+    pass read the page packed."""
+    from kvarn_sglang.serving import backend as backend_mod
+
+    server = SimServer(CFG)
+    tokens = [random.Random(3).randrange(64) for _ in range(3 * G + 4)]
+    req = server.start(tokens)
+    assert server.extend([req], [2 * G - 1])  # page 1 lacks its last token
+    store, events, inside = server.pool.store, [], []
+    commit_slots, commit = store.commit_slots, store.commit
+    decode, extend = backend_mod.ref_decode_attention, backend_mod.ref_extend_attention
+
+    def log(name, fn):
+        def wrapped(*a, **kw):
+            if name != "commit":
+                events.append((name,))
+            elif not inside and int((a[1] > 0).sum()):  # page 0 pads; commit_slots -> commit
+                events.append((name, a[0], int((a[1] > 0).sum())))
+            inside.append(name)
+            try:
+                return fn(*a, **kw)
+            finally:
+                inside.pop()
+
+        return wrapped
+
+    monkeypatch.setattr(store, "commit_slots", log("commit", commit_slots))
+    monkeypatch.setattr(store, "commit", log("commit", commit))
+    monkeypatch.setattr(backend_mod, "ref_decode_attention", log("decode", decode))
+    monkeypatch.setattr(backend_mod, "ref_extend_attention", log("extend", extend))
+    layers = len(server.layers)
+    assert server.decode([req])  # completes page 1
+    assert events == [e for layer in range(layers) for e in (("decode",), ("commit", layer, 1))]
+    page1 = int(server.req_pool.req_to_token[req.row, G]) // G
+    assert int(store.commits[page1]) == 1
+    events.clear()
+    assert server.extend([req], [G + 2])  # fills page 2; its last tokens read it packed
+    assert events == [e for layer in range(layers) for e in (("commit", layer, 1), ("extend",))]
+    _check_outputs(server, req)

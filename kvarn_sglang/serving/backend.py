@@ -9,10 +9,14 @@ one an fp16 slot. Per layer, ``forward_extend``/``forward_decode``
    and flags its request, whose pages this pass then does not commit; the scheduler aborts
    the flagged requests after the pass (``kvarn_sglang.patches.scheduler``);
 2. write the new K/V into fp16 slots (``set_kv_buffer``);
-3. commit the pages completed in this pass (quantize once, per layer), so later tokens of
-   the same pass read them quantized, as decode-consistent semantics require;
+3. in extend, commit the pages completed in this pass (quantize once, per layer) before
+   attention, so later tokens of the same pass read them quantized, as decode-consistent
+   semantics require;
 4. run attention: the Triton kernels on CUDA, the torch reference elsewhere (the same
-   semantics; the kernels are tested against it).
+   semantics; the kernels are tested against it);
+5. in decode, commit the completed pages after attention (the completing token reads its
+   own page in fp16): on CUDA on a side stream, hidden under the remaining layers and
+   joined by the last (``_commit_after_attention``).
 
 The scheduled releases are applied when the next pass or allocation starts, after this pass
 has run (``pages`` draws a page's whole life).
@@ -25,6 +29,8 @@ schedules the slot releases; the captured layers then run the same code as eager
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -43,6 +49,8 @@ from kvarn_sglang.serving.model_check import refuse_unsupported_layers
 from kvarn_sglang.serving.pages import pass_pages
 from kvarn_sglang.serving.pool import KVarNTokenToKVPool
 from kvarn_sglang.serving.request_guard import guard_scales, pages_to_commit, screen
+
+logger = logging.getLogger(__name__)
 
 
 class KVarNAttnBackend(AttentionBackend):
@@ -72,6 +80,31 @@ class KVarNAttnBackend(AttentionBackend):
         self.graph_commit_rows: torch.Tensor | None = None
         self.graph_bad_layer: torch.Tensor | None = None
         self.graph_token_rows: torch.Tensor | None = None
+        self._side_stream = None
+        if pool.store.use_kernels:
+            self.warm_up(_query_heads(model_runner))
+
+    def warm_up(self, num_q_heads: int | None) -> tuple[int, float] | None:
+        """Compile every kernel variant serving needs now, at startup (``kernels.warmup``),
+        and log how many and how long; without the model's query heads, Triton compiles each
+        at its first launch instead."""
+        if num_q_heads is None:
+            logger.warning("KVarN: query heads unknown; kernels compile at first use instead")
+            return None
+        from kvarn_sglang.kernels.warmup import warm_up
+
+        store = self.pool.store
+        n, seconds = warm_up(
+            self.config, num_q_heads, store.packed[0].shape[1], store.slot_k[0].dtype,
+            store.packed[0].device,
+        )  # fmt: skip
+        logger.info(
+            "KVarN: compiled %d kernel variants (decode, extend, commit) in %.1f s at startup; "
+            "serving compiles none",
+            n,
+            seconds,
+        )
+        return n, seconds
 
     # ------------------------------------------------------------------ eager metadata
     def init_forward_metadata(self, forward_batch) -> None:
@@ -164,6 +197,11 @@ class KVarNAttnBackend(AttentionBackend):
         the pages ``released`` that this pass commits from their fp16 slots hand the slots
         back once it has run (``PageStore.begin_pass``). The pool keeps the plan for the
         scheduler, which reads its ``bad_layer`` after the pass (``request_guard``)."""
+        side = self._side_stream
+        if side is not None and not torch.cuda.is_current_stream_capturing():
+            # The last pass's decode commits (joined by its last layer already, unless the
+            # model ran fewer layers through this backend).
+            torch.cuda.current_stream(side.device).wait_stream(side)
         self.pool.store.begin_pass(released)
         self.plan = plan
         self.pool.pass_plan = plan
@@ -172,10 +210,10 @@ class KVarNAttnBackend(AttentionBackend):
         """Nothing to record: the static buffers are filled before every replay."""
 
     # ------------------------------------------------------------------ per layer
-    def write_kv(self, k, v, layer, forward_batch, save_kv_cache: bool = True):
-        """Screen and store one layer's new ``k, v [N, Hkv, D]`` and commit the pages they
-        complete (without attention); returns the pool's local layer index and the screened
-        ``k, v``."""
+    def write_kv(self, k, v, layer, forward_batch, save_kv_cache: bool = True, commit=True):
+        """Screen and store one layer's new ``k, v [N, Hkv, D]`` and (``commit``) commit the
+        pages they complete (without attention); returns the pool's local layer index and the
+        screened ``k, v``."""
         if not save_kv_cache:
             raise ValueError("KVarN needs every K/V write through the pool (save_kv_cache=True)")
         store, plan = self.pool.store, self.plan
@@ -185,6 +223,8 @@ class KVarNAttnBackend(AttentionBackend):
         self.pool.wait_for_layer(local)
         k, v = screen(k, v, plan, layer.layer_id)
         self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        if not commit:
+            return local, k, v
         # Screened: nothing non-finite reaches a commit, so the commit's own check (a host
         # synchronisation per layer on CUDA) is skipped.
         slot_pages = pages_to_commit(plan.slot_commits, plan.slot_commit_rows, plan)
@@ -217,15 +257,20 @@ class KVarNAttnBackend(AttentionBackend):
         if self.pool.store.use_kernels:
             from kvarn_sglang.kernels.extend import extend_attention
 
-            out = extend_attention(*args)
+            # The pass's block table, made once from host lengths: no per-layer read-back.
+            out = extend_attention(
+                *args, blocks=self.plan.extend_blocks_for(self.config, hq // hkv)
+            )
         else:
             out = ref_extend_attention(*args)
         return out.to(q.dtype).reshape(-1, hq * d)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kw):
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        # The commit waits until after attention. Decode's one new token per request never
+        # fills a page by itself (G > 1), so all its pages commit from their fp16 slots.
         local, _, _ = self.write_kv(
-            k.view(-1, hkv, d), v.view(-1, hkv, d), layer, forward_batch, save_kv_cache
+            k.view(-1, hkv, d), v.view(-1, hkv, d), layer, forward_batch, save_kv_cache, False
         )
         args = (
             q.view(-1, hq, d),
@@ -241,7 +286,58 @@ class KVarNAttnBackend(AttentionBackend):
             out = decode_attention(*args)
         else:
             out = ref_decode_attention(*args)
+        self._commit_after_attention(local, layer.layer_id)
         return out.to(q.dtype).reshape(-1, hq * d)
+
+    def _commit_after_attention(self, local: int, layer_id: int) -> None:
+        """Decode's commit, off the critical path. A decode step's completing token reads its
+        own page in fp16 (decode-consistent), so the packed record is first needed by the
+        next step: the commit is launched after the layer's attention, on a side stream on
+        CUDA (an event orders it after this layer's slot writes and attention), and overlaps
+        the remaining layers; the last layer joins the side stream back, so the step ends
+        with every page committed (the next step's reads and slot releases come after it) and
+        a CUDA graph captures one fork per layer and one join. The pages to commit are chosen
+        on the main stream, from the request flags as of this layer, as in extend. Elsewhere
+        (the CPU reference, tests) the commit runs in line, in the same order."""
+        store, plan = self.pool.store, self.plan
+        pages = pages_to_commit(plan.slot_commits, plan.slot_commit_rows, plan)
+        side = self._commit_stream()
+        if side is None:
+            store.commit_slots(local, pages, check_finite=False)
+            if pages.numel():
+                guard_scales(store, local, pages, plan.slot_commit_rows, plan, layer_id)
+            return
+        main = torch.cuda.current_stream(pages.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            store.commit_slots(local, pages, check_finite=False)
+            # Finite K/V beyond what a page's scales hold (as in ``write_kv``); the flags it
+            # sets are read after the step, which joins this stream at the last layer.
+            if pages.numel():
+                guard_scales(store, local, pages, plan.slot_commit_rows, plan, layer_id)
+        pages.record_stream(side)  # made on the main stream, read on the side stream
+        if local == len(store.packed) - 1:
+            main.wait_stream(side)
+
+    def _commit_stream(self):
+        """The side stream of decode commits (CUDA kernels only), made on first use."""
+        if not self.pool.store.use_kernels or self.pool.store.page_slot.device.type != "cuda":
+            return None
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.pool.store.page_slot.device)
+        return self._side_stream
+
+
+def _query_heads(model_runner) -> int | None:
+    """Query heads of one attention tensor-parallel rank, as SGLang's Triton backend counts
+    them; None when the runner has no model config (tests)."""
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        heads = model_runner.model_config.get_max_num_attention_heads()
+        return heads // get_parallel().attn_tp_size
+    except Exception:  # a runner without a model config or parallel context (tests)
+        return None
 
 
 def create_kvarn_backend(model_runner) -> KVarNAttnBackend:

@@ -11,7 +11,7 @@ that a request whose K/V turn non-finite can be isolated (``request_guard``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +45,10 @@ class ForwardPlan:
         direct_page_rows: ``int64 [P]`` batch row of each ``direct_pages`` page.
         bad_layer: ``int32 [B]`` first layer in which a row wrote non-finite K/V, or
             ``CLEAN`` (filled by the layers of the pass).
+        prefix_cpu, extend_cpu: the host lengths the plan was made from (extend passes).
+        extend_blocks: the extend kernel's block tables of this pass by GQA ratio, made from
+            the host lengths by the first layer that needs them (``extend_blocks_for``) and
+            reused by every other layer: no layer reads a length back from the device.
     """
 
     page_table: torch.Tensor
@@ -59,6 +63,19 @@ class ForwardPlan:
     direct_page_rows: torch.Tensor
     bad_layer: torch.Tensor
     in_graph: bool = False
+    prefix_cpu: list[int] = field(default_factory=list)
+    extend_cpu: list[int] = field(default_factory=list)
+    extend_blocks: dict = field(default_factory=dict)
+
+    def extend_blocks_for(self, config, group: int):
+        """The pass's ``kernels.extend.ExtendBlocks`` for GQA ratio ``group`` (built once)."""
+        if group not in self.extend_blocks:
+            from kvarn_sglang.kernels.extend import extend_blocks
+
+            self.extend_blocks[group] = extend_blocks(
+                self.prefix_cpu, self.extend_cpu, config, group, self.page_table.device
+            )
+        return self.extend_blocks[group]
 
 
 def page_table_of(
@@ -115,4 +132,6 @@ def build_plan(
         slot_commit_rows=as_dev([b for b, _ in from_slots]),
         direct_page_rows=as_dev([b for b, _ in direct]),
         bad_layer=clean_rows(len(extend), dev),
+        prefix_cpu=list(prefix_lens),
+        extend_cpu=extend,
     )

@@ -204,10 +204,23 @@ class PageStore:
         self, layer: int, page_ids: torch.Tensor, *, check_finite: bool = True
     ) -> None:
         """Quantize the fp16 slots of full pages ``page_ids`` into their packed records.
-        The slots stay held: the pages' own tokens still read them in this forward pass."""
+        The slots stay held: the pages' own tokens still read them in this forward pass. The
+        kernel reads the slots where they are: nothing is gathered, and an entry padding the
+        static commit list of graph decode (page 0) costs a skipped tile, no copy."""
         if page_ids.numel() == 0:
             return
         slots = self.page_slot[page_ids]
+        if self.use_kernels:  # the kernel reads the slots in place; page 0 (padding) reads none
+            from kvarn_sglang.kernels.commit import commit_pages
+
+            sk, sv = self.slot_k[layer], self.slot_v[layer]
+            commit_pages(
+                sk, sv, self.config, self.packed[layer], page_ids,
+                check_finite=check_finite, skip_row0=True, in_index=slots,
+            )  # fmt: skip
+            if layer == 0:
+                self.commits[page_ids] += 1
+            return
         k, v = self.slot_k[layer][slots], self.slot_v[layer][slots]
         self.commit(layer, page_ids, k, v, check_finite=check_finite)
 
