@@ -203,10 +203,26 @@ def packed_page_step(
     r16 = rec // 2
     ks = f16_ptr + r16 + ks_off // 2 + cq
     kz = f16_ptr + r16 + kz_off // 2 + cq
-    qs0 = round_to(q0 * tl.load(ks).to(tl.float32)[:, None], DT, OP)
-    qs1 = round_to(q1 * tl.load(ks + Q).to(tl.float32)[:, None], DT, OP)
-    qs2 = round_to(q2 * tl.load(ks + 2 * Q).to(tl.float32)[:, None], DT, OP)
-    qs3 = round_to(q3 * tl.load(ks + 3 * Q).to(tl.float32)[:, None], DT, OP)
+    p0 = q0 * tl.load(ks).to(tl.float32)[:, None]
+    p1 = q1 * tl.load(ks + Q).to(tl.float32)[:, None]
+    p2 = q2 * tl.load(ks + 2 * Q).to(tl.float32)[:, None]
+    p3 = q3 * tl.load(ks + 3 * Q).to(tl.float32)[:, None]
+    if tl.float16 == DT:
+        # q * k_scale can pass fp16's range (k_scale up to 65504): scale each query's products
+        # by 2^-k (exact) so the largest is below 2^15, and its scores by 2^k below. k is read
+        # from the float's exponent bits (integer operations, no conversion); 0 unless the
+        # products reach 2^15, so nothing else changes.
+        top = tl.maximum(tl.max(tl.abs(p0), axis=0), tl.max(tl.abs(p1), axis=0))
+        top = tl.maximum(top, tl.maximum(tl.max(tl.abs(p2), axis=0), tl.max(tl.abs(p3), axis=0)))
+        k = tl.maximum(((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 141, 0)  # [N]
+        shrink = ((127 - k) << 23).to(tl.float32, bitcast=True)[None, :]
+        grow = ((127 + k) << 23).to(tl.float32, bitcast=True)[None, :]
+        p0, p1, p2, p3 = p0 * shrink, p1 * shrink, p2 * shrink, p3 * shrink
+        q0, q1, q2, q3 = q0 * shrink, q1 * shrink, q2 * shrink, q3 * shrink  # the zero points'
+    qs0 = round_to(p0, DT, OP)
+    qs1 = round_to(p1, DT, OP)
+    qs2 = round_to(p2, DT, OP)
+    qs3 = round_to(p3, DT, OP)
     # q . k_zero - MAGIC . qs: the zero point, minus the code offsets the dot adds.
     zt = q0 * tl.load(kz).to(tl.float32)[:, None] - quarter_magic(0, K_BITS, DT) * qs0.to(
         tl.float32
@@ -240,6 +256,9 @@ def packed_page_step(
             k_ptr, qs0, qs1, qs2, qs3, bias, kn_ptr, qk_scale, TB, TB, D, K_BITS, DT, OP, ASM,
             key_lo, WINDOW,
         )  # fmt: skip
+        if tl.float16 == DT:  # the scores of the unscaled query (exact: powers of two)
+            # kept >= MASKED: a window-masked score scaled up must stay finite
+            s, s2 = tl.maximum(s * grow, MASKED), tl.maximum(s2 * grow, MASKED)
         m_new = tl.maximum(m_i, tl.maximum(tl.max(s, axis=0), tl.max(s2, axis=0)))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
@@ -259,6 +278,8 @@ def packed_page_step(
             k_ptr, qs0, qs1, qs2, qs3, bias, kn_ptr, qk_scale, 0, G, D, K_BITS, DT, OP, ASM,
             key_lo, WINDOW,
         )  # fmt: skip
+        if tl.float16 == DT:
+            s = tl.maximum(s * grow, MASKED)
         p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
         pv0, pv1, pv2, pv3, zv, sv = _values(
             v_ptr, p, vs_ptr, vz_ptr, pv0, pv1, pv2, pv3, 0, G, D, V_BITS, DT, OP, ASM

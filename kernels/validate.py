@@ -14,6 +14,10 @@ from kvarn_sglang.format.config import KVarNConfig
 from kvarn_sglang.format.numerics import PagedKVCache, hadamard_matrix
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+# The oldest NVIDIA GPU (compute capability) the compiled kernels serve, by model dtype. bf16
+# tensor-core dots and conversions need sm_80. The fp16 kernels also compile for sm_75, but
+# Triton supports NVIDIA GPUs of compute capability 8.0+ only (its README), so both need sm_80.
+MIN_CAPABILITY = {torch.bfloat16: (8, 0), torch.float16: (8, 0)}
 
 
 def _expect(name: str, x: torch.Tensor, shape: list, dtypes: tuple) -> None:

@@ -67,6 +67,7 @@ def _hooks() -> list[tuple[str, object, str]]:
             "BEFORE",
         ),
         (schedule_policy.ADD_ONE_REQ, schedule_policy.around_add_one_req, "AROUND"),
+        (schedule_policy.ADD_CHUNKED_REQ, schedule_policy.around_add_chunked_req, "AROUND"),
         (hicache.INIT_HICACHE, hicache.before_init_hicache, "BEFORE"),
         *disaggregation.hooks(),
     ]

@@ -1,6 +1,7 @@
 """Hook on ``sglang.srt.managers.scheduler.Scheduler.run_batch`` (sglang==0.5.23): after
-every forward pass, finish the requests whose K/V turned non-finite in it with an error,
-and let the rest of the batch go on (``kvarn_sglang.serving.request_guard`` draws the whole path).
+every forward pass, finish the requests whose K/V turned non-finite in it (or too large for a
+page's fp16 scales) with an error, and let the rest of the batch go on
+(``kvarn_sglang.serving.request_guard`` draws the whole path).
 
 It marks the flagged requests the way SGLang's ``run_batch`` marks requests whose external
 KV load failed (``UnifiedRadixCache.finish_external_linker_loads``), so SGLang's own result
@@ -48,13 +49,14 @@ def abort_nonfinite(scheduler, batch, req, layer: int) -> None:
     if req.finished() or req.is_retracted:
         return
     logger.error(
-        "KVarN: request %s wrote non-finite K/V (NaN or Inf) in layer %d: aborting it; its "
-        "pages are freed and never cached, the other requests of the batch continue",
+        "KVarN: request %s wrote non-finite K/V (NaN or Inf) in layer %d (or K/V beyond what "
+        "a page's fp16 scales hold): aborting it; its pages are freed and never cached, the "
+        "other requests of the batch continue",
         req.rid, layer,
     )  # fmt: skip
     reason = FINISH_ABORT(
         f"KVarN: the model produced non-finite K/V (NaN or Inf) for this request in layer "
-        f"{layer}; the request was aborted",
+        f"{layer} (or K/V beyond what a page's fp16 scales hold); the request was aborted",
         HTTPStatus.INTERNAL_SERVER_ERROR,
         "InternalServerError",
     )

@@ -16,8 +16,10 @@
 * ``ServerArgs.resolve_once`` (AFTER): refuses unsupported models (needs the model config):
   architectures, head dims, tensor-parallel splits of KV heads, SGLang's separate sliding-
   window pool and learned sinks, and attention variants the config declares (soft-capping,
-  KV shared across layers, non-causal attention). Sliding windows over the one pool are
-  served (``KVarNAttnBackend`` honours each layer's window).
+  KV shared across layers, non-causal attention); and devices the kernels cannot run on
+  (``kvarn_sglang.serving.device_check``: ROCm, GPUs older than the model's dtype needs,
+  accelerators other than NVIDIA GPUs and the CPU reference). Sliding windows over the one
+  pool are served (``KVarNAttnBackend`` honours each layer's window).
 
 Every refusal is a ``ValueError`` whose message names the flag to change.
 """
@@ -97,7 +99,7 @@ def after_add_cli_args(result, parser):
     parser.add_argument(
         "--kvarn-slots", type=int, default=None,
         help="fp16 page slots (default: one per running request + the sink pages of "
-        "max(16, running / 8) distinct prefixes; at least running + sink pages)",
+        "max(16, running / 8) distinct prefixes; at least max(running, 2) + sink pages)",
     )  # fmt: skip
     return result
 
@@ -118,9 +120,9 @@ def refuse_flags(args, settings: KVarNSettings) -> None:
     if settings.slots is not None and settings.slots < least:
         raise ValueError(
             f"--kvarn-slots {settings.slots} is too few fp16 page slots: {running} running "
-            f"requests need a filling page each plus one shared sink prefix "
-            f"(--max-running-requests + --kvarn-sink-pages = {least}); raise --kvarn-slots to "
-            f"at least {least} or lower --max-running-requests"
+            f"requests need a filling page each (a request prefilled in chunks two) plus one "
+            f"shared sink prefix (max(--max-running-requests, 2) + --kvarn-sink-pages = "
+            f"{least}); raise --kvarn-slots to at least {least} or lower --max-running-requests"
         )
     if getattr(args, "dtype", "auto") in _REFUSED_DTYPES:
         raise ValueError(
@@ -147,10 +149,28 @@ def refuse_flags(args, settings: KVarNSettings) -> None:
             "--kv-cache kvarn captures decode as a full CUDA graph only: use "
             "--cuda-graph-backend-decode full or disabled (the default with KVarN)"
         )
+    if getattr(args, "cuda_graph_backend_decode", None) == "full":
+        refuse_metadata_glue_graph()
     if getattr(args, "cuda_graph_backend_prefill", None) not in (None, "disabled"):
         raise ValueError(
             "--kv-cache kvarn does not support prefill CUDA graphs: use "
             "--cuda-graph-backend-prefill disabled (the default with KVarN)"
+        )
+
+
+def refuse_metadata_glue_graph() -> None:
+    """Raise ``ValueError`` if SGLang would capture the decode graphs' metadata preparation
+    (``SGLANG_ENABLE_METADATA_GLUE_GRAPH``): its replay runs only the recorded device work,
+    while KVarN plans every decode step from host lengths (which pages complete, whose fp16
+    slots to release; ``KVarNAttnBackend.init_forward_metadata_out_graph``), so pages would
+    never be committed and slots never released."""
+    from sglang.srt.environ import envs
+
+    if envs.SGLANG_ENABLE_METADATA_GLUE_GRAPH.get():
+        raise ValueError(
+            "--kv-cache kvarn plans each captured decode step on the host, which SGLang's "
+            "metadata glue graph skips: unset SGLANG_ENABLE_METADATA_GLUE_GRAPH, or use "
+            "--cuda-graph-backend-decode disabled"
         )
 
 
@@ -373,6 +393,25 @@ def after_resolve_once(result, self):
         return result
     from sglang.srt.arg_groups.overrides import model_config_of, resolution_result
 
-    refuse_model(model_config_of(self), int(resolution_result(self, "tp_size") or 1))
+    model_config = model_config_of(self)
+    refuse_model(model_config, int(resolution_result(self, "tp_size") or 1))
+    refuse_device_of(self, model_config.dtype)
     self._kvarn_checked = True
     return result
+
+
+def refuse_device_of(server_args, model_dtype) -> None:
+    """Raise ``ValueError`` unless the GPUs the server will use run the KVarN kernels for
+    this model (``kvarn_sglang.serving.device_check``)."""
+    import torch
+    from sglang.srt.arg_groups.overrides import resolution_result
+
+    from kvarn_sglang.serving.device_check import device_facts, refuse_device
+
+    ranks = int(resolution_result(server_args, "tp_size") or 1) * int(
+        resolution_result(server_args, "dp_size") or 1
+    )
+    base, step = server_args.base_gpu_id or 0, server_args.gpu_id_step or 1
+    device = resolution_result(server_args, "device") or server_args.device or "cuda"
+    dtype = model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    refuse_device(device_facts(device, [base + i * step for i in range(ranks)]), dtype)

@@ -60,7 +60,7 @@ class SimRequest:
 class SimServer:
     def __init__(
         self, cfg: KVarNConfig, *, num_pages=48, num_slots=32, layers=2, hkv=2, group=2,
-        tree: str = "radix", max_context: int | None = None,
+        tree: str = "radix", max_context: int | None = None, dtype: torch.dtype = torch.float16,
     ):  # fmt: skip
         g, d = cfg.page_size, cfg.head_dim
         self.cfg, self.g, self.d, self.hkv, self.hq = cfg, g, d, hkv, hkv * group
@@ -70,12 +70,10 @@ class SimServer:
         )
         size = num_pages * g
         self.pool = KVarNTokenToKVPool(
-            size, g, torch.float16, hkv, d, layers, "cpu", False,
+            size, g, dtype, hkv, d, layers, "cpu", False,
             start_layer=0, end_layer=layers, kvarn_config=cfg, num_slots=num_slots,
         )  # fmt: skip
-        self.alloc = KVarNPagedAllocator(
-            size, g, torch.float16, "cpu", kvcache=self.pool, need_sort=False
-        )
+        self.alloc = KVarNPagedAllocator(size, g, dtype, "cpu", kvcache=self.pool, need_sort=False)
         params = CacheInitParams(
             disable=False, req_to_token_pool=self.req_pool, token_to_kv_pool_allocator=self.alloc,
             page_size=g,

@@ -10,8 +10,10 @@ import torch
 from kvarn_sglang.format.config import get_preset
 from kvarn_sglang.patches import kv_cache_dtype, models_utils, platform, pool_configurator
 from kvarn_sglang.patches.server_args import refuse_model
+from kvarn_sglang.serving import device_check
 from kvarn_sglang.serving.allocator import KVarNPagedAllocator
 from kvarn_sglang.serving.capacity import default_num_slots, slot_pool_bytes
+from kvarn_sglang.serving.device_check import DeviceFacts
 from kvarn_sglang.serving.pool import KVarNTokenToKVPool
 from kvarn_sglang.serving.settings import KVarNSettings
 
@@ -215,9 +217,24 @@ def _refusal(kind: str, arg, prepare, monkeypatch) -> None:
         refuse_model(_model_config(**overrides), tp_size=tp)
     elif kind == "budget":
         _calculate_pool_sizes(_budget_configurator(monkeypatch, 64), arg)
+    elif kind == "device":  # what torch would say about the server's GPUs, faked
+        facts, dtype = arg
+        monkeypatch.setattr(device_check, "device_facts", lambda device, gpu_ids: facts)
+        prepare("--kv-cache", "kvarn", *P128, "--dtype", dtype).resolve_once()
+    elif kind == "env":
+        for name, value in arg[0].items():
+            monkeypatch.setenv(name, value)
+        prepare("--kv-cache", "kvarn", *P128, *arg[1]).resolve_once()
 
 
 P128 = ["--page-size", "128"]
+
+
+def _gpu(capability: tuple[int, int], name: str, hip: str | None = None) -> DeviceFacts:
+    return DeviceFacts("cuda", hip, ((0, name, capability),))
+
+
+ROCM = _gpu((9, 4), "AMD Instinct MI300X", hip="6.4")
 PD_DECODE = [*P128, "--disaggregation-mode", "decode"]
 # id: (how the refusal is reached, its input, the flag its message must name)
 REFUSAL_MATRIX = {
@@ -341,6 +358,16 @@ REFUSAL_MATRIX = {
     ),
     "kv_shared_across_layers": ("model", "llama_kv_shared", "--kv-cache kvarn"),
     "non_causal_attention": ("model", "llama_bidirectional", "--kv-cache kvarn"),
+    "rocm": ("device", (ROCM, "bfloat16"), "--kv-cache kvarn"),
+    "sm75_bf16": ("device", (_gpu((7, 5), "Tesla T4"), "bfloat16"), "--kv-cache kvarn"),
+    "sm75_fp16": ("device", (_gpu((7, 5), "Tesla T4"), "float16"), "--kv-cache kvarn"),
+    "sm70_fp16": ("device", (_gpu((7, 0), "Tesla V100"), "float16"), "--kv-cache kvarn"),
+    "xpu": ("device", (DeviceFacts("xpu"), "bfloat16"), "--device"),
+    "metadata_glue_graph": (
+        "env",
+        ({"SGLANG_ENABLE_METADATA_GLUE_GRAPH": "1"}, ["--cuda-graph-backend-decode", "full"]),
+        "SGLANG_ENABLE_METADATA_GLUE_GRAPH",
+    ),
     "budget_below_slot_pool": ("budget", SLOT_POOL_64 // 2, "--mem-fraction-static"),
     "budget_below_a_page_each": ("budget", SLOT_POOL_64 + 63 * PACKED_PAGE, "--kvarn-slots"),
 }
@@ -409,6 +436,50 @@ def test_supported_neighbours_of_the_refusals_start(prepare, monkeypatch):
     conf = _budget_configurator(monkeypatch, 64)
     enough = SLOT_POOL_64 + 64 * PACKED_PAGE
     assert _calculate_pool_sizes(conf, enough).max_total_num_tokens == 64 * 128
+
+
+def test_gpus_the_kernels_run_on_start_and_every_gpu_of_the_server_is_checked(prepare, monkeypatch):
+    """sm_80 and newer serve both dtypes; the check reads every GPU the server will use (the
+    facts are faked at their boundary, ``device_check.device_facts``)."""
+    asked = []
+
+    def fake(capabilities):
+        def facts(device, gpu_ids):
+            asked.append(list(gpu_ids))
+            gpus = tuple((i, "GPU", capabilities.get(i, (9, 0))) for i in gpu_ids)
+            return DeviceFacts("cuda", None, gpus)
+
+        return facts
+
+    monkeypatch.setattr(device_check, "device_facts", fake({0: (8, 0), 1: (8, 6)}))
+    for dtype in ("bfloat16", "float16"):
+        prepare("--kv-cache", "kvarn", *P128, "--dtype", dtype, "--tp-size", "2").resolve_once()
+    assert asked == [[0, 1], [0, 1]]
+    monkeypatch.setattr(device_check, "device_facts", fake({2: (7, 5)}))
+    sa = prepare("--kv-cache", "kvarn", *P128, "--tp-size", "2", "--base-gpu-id", "1")
+    with pytest.raises(ValueError, match=r"GPU 2 \(GPU\) is 7\.5"):
+        sa.resolve_once()
+    assert asked[-1] == [1, 2]
+
+
+def test_scheduler_backend_checks_its_own_device_and_the_glue_graph(monkeypatch):
+    """The scheduler's attention backend repeats both checks for the device it runs on (an
+    offline engine, a worker whose environment differs from the launcher's)."""
+    from kvarn_sglang.serving.backend import KVarNAttnBackend
+
+    cfg = get_preset("k4v2_g64", head_dim=64)
+    pool = KVarNTokenToKVPool(
+        64 * 4, 64, torch.float16, 1, 64, 1, "cpu", False, kvarn_config=cfg, num_slots=2
+    )
+    rows = SimpleNamespace(req_to_token=torch.zeros(2, 256, dtype=torch.int32))
+    runner = SimpleNamespace(token_to_kv_pool=pool, req_to_token_pool=rows)
+    backend = KVarNAttnBackend(runner)  # the CPU reference serves
+    monkeypatch.setenv("SGLANG_ENABLE_METADATA_GLUE_GRAPH", "1")
+    with pytest.raises(ValueError, match="SGLANG_ENABLE_METADATA_GLUE_GRAPH"):
+        backend.init_cuda_graph_state(max_bs=2, max_num_tokens=2)
+    monkeypatch.setattr(device_check, "device_facts", lambda d, ids: _gpu((7, 5), "Tesla T4"))
+    with pytest.raises(ValueError, match=r"compute capability 8\.0 or newer for a float16"):
+        KVarNAttnBackend(runner)
 
 
 def test_pd_disaggregation_is_accepted(prepare):

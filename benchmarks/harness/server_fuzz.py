@@ -375,6 +375,29 @@ FUZZ_ARGS = [
     "--schedule-conservativeness", "0.3",
     "--sleep-on-idle", "--skip-server-warmup", "--random-seed", "0",
 ]  # fmt: skip
+# Server configurations a run cycles through (``profile_args``): the fuzz pool with its
+# 256-token chunks, and small page-multiple chunks, alone and with mixed chunks (SGLang then
+# lowers a continued chunk's budget by the running requests, so chunks end inside pages).
+PROFILES = {
+    "chunk256": [],
+    "chunk128_mixed": ["--chunked-prefill-size", "128", "--enable-mixed-chunk"],
+    "chunk64": ["--chunked-prefill-size", "64"],
+    "chunk192_mixed": ["--chunked-prefill-size", "192", "--enable-mixed-chunk"],
+}
+
+
+def profile_args(name: str) -> list[str]:
+    """``FUZZ_ARGS`` with the chunking of profile ``name`` (``PROFILES``)."""
+    if name not in PROFILES:
+        raise ValueError(f"Unknown fuzz profile {name!r}: expected one of {sorted(PROFILES)}")
+    extra = PROFILES[name]
+    args = list(FUZZ_ARGS)
+    if "--chunked-prefill-size" in extra:
+        i = args.index("--chunked-prefill-size")
+        del args[i : i + 2]
+    return args + extra
+
+
 # Log lines counted in the result: SGLang's idle leak check and a dead scheduler must stay at
 # 0; retractions show that memory ran short.
 LOG_SIGNS = {

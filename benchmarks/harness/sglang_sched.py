@@ -19,8 +19,10 @@ Dense pools store nothing (a bytes-only stand-in KV cache).
 request stays out and is checkpointed into the tree), try a prefill batch
 (``_get_new_batch_prefill_raw``: row budget, policy, adder loop, ``NO_TOKEN`` marks the batch
 full), else ``update_running_batch`` (check, retract, decay the new-token ratio) and a decode
-step. Results are processed as ``process_batch_result_prefill/decode`` do. The "model" emits
-the workload's predetermined tokens and a stop token at each request's own output length;
+step. With ``mixed_chunk`` (``--enable-mixed-chunk``) the adder's chunk budget is lowered by the
+running requests and their decode step rides in the prefill batch (``mix_with_running``).
+Results are processed as ``process_batch_result_prefill/decode`` do. The "model" emits the
+workload's predetermined tokens and a stop token at each request's own output length;
 ``max_new_tokens`` is larger, so SGLang's admission sees variable, unknown output lengths, as
 with real clients. What it leaves out: streaming, logprobs, grammar, the tokenizer and
 detokenizer processes, and time (a step is one forward pass).
@@ -72,7 +74,7 @@ class SchedServer:
     def __init__(
         self, pool: PoolSpec, model_config, *, max_running: int, max_context: int,
         max_prefill_tokens: int = 16384, chunked_prefill_size: int | None = 8192,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = 256, mixed_chunk: bool = False,
     ) -> None:  # fmt: skip
         from sglang.srt.managers.schedule_batch import ScheduleBatch
         from sglang.srt.managers.schedule_policy import SchedulePolicy
@@ -86,6 +88,7 @@ class SchedServer:
         self.spec, self.ps, self.model_config = pool, pool.page_size, model_config
         self.max_running, self.max_prefill = max_running, max_prefill_tokens
         self.chunk, self.max_new = chunked_prefill_size, max_new_tokens
+        self.mixed_chunk = mixed_chunk and chunked_prefill_size is not None
         self.req_pool = ReqToTokenPool(max_running, max_context, "cpu", False)
         self.alloc, self.kv, self.backend = self._allocator(pool, max_context)
         self.tree = _counting_tree(
@@ -97,6 +100,9 @@ class SchedServer:
         self.ratio = NewTokenRatioTracker.from_config()
         self.running = ScheduleBatch(reqs=[], batch_is_full=False)
         self.waiting, self.chunked, self.last_batch = [], None, None
+        self.pending = None  # the pass ``forward`` ran, until ``process`` handles its results
+        self._pending_chunked_abort_req = None
+        self.tp_size, self.tp_cpu_group = 1, None  # a tensor-parallel rank sets both
         self.specs: dict[str, Spec] = {}
         self.ready: dict[str, int] = {}
         self.counted: set[str] = set()
@@ -217,19 +223,68 @@ class SchedServer:
             self.running.batch_is_full = False
 
     def step(self) -> bool:
-        """One forward pass (prefill or decode); False if nothing could run."""
+        """One forward pass (prefill or decode) and its results; False if nothing could run."""
+        if not self.forward():
+            return False
+        self.process()
+        return True
+
+    def forward(self) -> bool:
+        """Schedule and run one pass, leaving its results to ``process``; False if nothing
+        could run. Tensor-parallel ranks run a pass each before any processes its results
+        (between the two, ``process`` exchanges the plugin's request flags over
+        ``tp_cpu_group``)."""
+        self._abort_pending_chunk()
         self._merge_last_batch()
         self.step_no += 1
         batch = self._prefill_batch()
         if batch is not None:
-            self._run_extend(batch)
+            self._forward_extend(batch)
             self.last_batch = batch
+            self.pending = (batch, False)
         elif not self.running.is_empty():
-            self._run_decode()
+            self.pending = (self.running, True) if self._forward_decode() else None
         else:
             return False
-        self._sample()
         return True
+
+    def process(self) -> None:
+        """The results of the pass ``forward`` ran: the plugin's hook on SGLang's
+        ``Scheduler.run_batch`` (requests whose K/V turned non-finite are aborted), then the
+        next token of every request."""
+        if self.pending is not None:
+            from kvarn_sglang.patches.scheduler import after_run_batch
+
+            batch, decode = self.pending
+            self.pending = None
+            after_run_batch(None, self, batch)
+            (self._decode_results if decode else self._extend_results)(batch)
+        self._sample()
+
+    @property
+    def token_to_kv_pool_allocator(self):  # what the plugin's scheduler hook reads
+        return self.alloc
+
+    @property
+    def chunked_req(self):
+        return self.chunked
+
+    def _abort_pending_chunk(self) -> None:
+        """``Scheduler.process_pending_chunked_abort``: the chunked request aborted in the
+        last pass releases its KV without caching it before its next chunk."""
+        from sglang.srt.mem_cache.common import release_kv_cache
+
+        req, self._pending_chunked_abort_req = self._pending_chunked_abort_req, None
+        if req is not None and req is self.chunked:
+            release_kv_cache(req, self.tree, checkpoint=False)
+            req.to_finish = req.discard_output_reason
+            req.update_finish_state()
+            self.chunked = None
+            self._aborted(req)
+
+    def _aborted(self, req) -> None:
+        self.stats["aborted"] += 1
+        self.specs.pop(req.rid, None)
 
     def _prefill_batch(self):
         from sglang.srt.managers.schedule_batch import ScheduleBatch
@@ -246,9 +301,10 @@ class SchedServer:
             running.batch_is_full = True
             return None
         self.policy.calc_priority(self.waiting, running)
+        mixed = len(running.reqs) if self.mixed_chunk else 0  # the decode tokens it carries
         adder = PrefillAdder(
             self.ps, self.tree, self.alloc, running, self.ratio.current, self.max_prefill,
-            self.chunk, max_running_requests=self.max_running,
+            self.chunk, mixed, max_running_requests=self.max_running,
         )  # fmt: skip
         if self.chunked is not None:
             self.chunked.init_next_round_input()
@@ -281,6 +337,12 @@ class SchedServer:
         )  # fmt: skip
         self._count_admissions(adder.can_run_list)
         batch.prepare_for_extend()
+        if self.mixed_chunk and not running.is_empty() and running.check_decode_mem():
+            # ``--enable-mixed-chunk``: the running requests' decode step rides along.
+            running.prepare_for_decode()
+            batch.mix_with_running(running)
+            batch.decoding_reqs = running.reqs
+            self.running = ScheduleBatch(reqs=[], batch_is_full=running.batch_is_full)
         return batch
 
     def _count_admissions(self, reqs) -> None:
@@ -302,14 +364,23 @@ class SchedServer:
             if self.spec.config is not None and r.prefix_len >= self.ps:
                 s["sink_hits"] += 1
 
-    def _run_extend(self, batch) -> None:
-        from sglang.srt.mem_cache.common import checkpoint_kv_cache
-
+    def _forward_extend(self, batch) -> None:
         self.stats["prefill_passes"] += 1
         self.stats["prefill_tokens"] += batch.extend_num_tokens
         self._write_kv(batch, batch.prefix_lens, batch.seq_lens_cpu.tolist(), decode=False)
+
+    def _extend_results(self, batch) -> None:
+        from sglang.srt.mem_cache.common import checkpoint_kv_cache, release_kv_cache
+
+        decoding = {id(r) for r in batch.decoding_reqs or []}  # a mixed batch's decode rows
         self.alloc.free_group_begin()
         for req in batch.reqs:
+            if req.discard_output_reason is not None and req.inflight_middle_chunks <= 0:
+                req.to_finish = req.discard_output_reason  # aborted in the pass
+                req.update_finish_state(0)
+                release_kv_cache(req, self.tree, checkpoint=False)
+                self._aborted(req)
+                continue
             if req.inflight_middle_chunks > 0:
                 req.inflight_middle_chunks -= 1
                 continue
@@ -318,11 +389,13 @@ class SchedServer:
             self._emit(req)
             if req.finished():
                 self._finish(req)
-            else:
+            elif id(req) not in decoding:
                 checkpoint_kv_cache(req, self.tree)
         self.alloc.free_group_end()
 
-    def _run_decode(self) -> None:
+    def _forward_decode(self) -> bool:
+        """Check memory (retract if short), then one decode pass; False if every request
+        was retracted."""
         running = self.running
         if not running.check_decode_mem():
             retracted, ratio, aborted = running.retract_decode()
@@ -332,7 +405,7 @@ class SchedServer:
             self.waiting += retracted
             running.batch_is_full = False
             if running.is_empty():
-                return
+                return False
         else:
             self.ratio.decay_step()
         running.prepare_for_decode()
@@ -342,8 +415,18 @@ class SchedServer:
         self.series["decode_batch"].append(len(running.reqs))
         if self.waiting:  # work is waiting: the batch is what memory and the cap allow
             self.series["decode_batch_waiting"].append(len(running.reqs))
+        return True
+
+    def _decode_results(self, running) -> None:
+        from sglang.srt.mem_cache.common import release_kv_cache
+
         self.alloc.free_group_begin()
         for req in running.reqs:
+            if req.to_finish is not None and req.skip_radix_cache_insert:  # aborted in the pass
+                req.update_finish_state()
+                release_kv_cache(req, self.tree, checkpoint=True)  # nothing is inserted
+                self._aborted(req)
+                continue
             self._emit(req)
             if req.finished():
                 self._finish(req)
@@ -362,10 +445,14 @@ class SchedServer:
         store = self.kv.store
         self.backend.init_forward_metadata(fb)
         before = int(store.commits.sum())
-        kv = self.kv_values[: len(batch.out_cache_loc) + 1]
-        self.backend.write_kv(kv[:-1], kv[1:], self.layer, fb)
+        self.backend.write_kv(*self.new_kv(batch, pre, seq), self.layer, fb)
         self.stats["pages_quantized"] += int(store.commits.sum()) - before
         assert int(store.commits.max()) <= 1, "a page was quantized twice"
+
+    def new_kv(self, batch, pre: list[int], seq: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The "model's" K and V ``[N, 1, head_dim]`` of a pass's new tokens (random)."""
+        kv = self.kv_values[: len(batch.out_cache_loc) + 1]
+        return kv[:-1], kv[1:]
 
     def _sample(self) -> None:
         """Per-step series: KV tokens in use, fp16 slots held and held by cached sinks."""

@@ -3,7 +3,8 @@
 The torch reference (``kvarn_sglang.quant``), the Triton kernels (``kvarn_sglang.kernels``)
 and the baselines import these from here, so the kernels depend on the format, never on the
 reference: the variance normalization's clip bounds (``LOG_*`` for the log scales, ``STD_*``
-for the measured standard deviations), the smallest RTN step, the Hadamard rotation, the
+for the measured standard deviations), the smallest RTN step, the largest value a page holds,
+the Hadamard rotation, the
 check every quantizer applies to its input pages, and ``PagedKVCache``.
 """
 
@@ -19,6 +20,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG_MIN, LOG_MAX = -0.3, 10.0
 STD_MIN, STD_MAX = 1e-3, 1e3
 SCALE_MIN = 1e-10  # smallest RTN step: a constant row quantizes to its zero point
+# The largest rotated value a page record can reconstruct, (code * scale + zero) * norm with
+# codes below 16 and fp16 metadata: a token whose L2 norm exceeds it times sqrt(head_dim) has a
+# rotated element beyond it (the rotation keeps the norm), so no page's scales can hold it.
+PAGE_VALUE_MAX = 16 * 65504.0**2
 
 
 # ----------------------------------------------------------------------------- rotation

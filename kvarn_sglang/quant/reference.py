@@ -118,6 +118,7 @@ def quantize_oriented(
     sinkhorn_iters: int | None,
     clip_quantile: float = 0.0,
     refit_iters: int = 0,
+    check_range: bool = True,
 ) -> TileCodes:
     """Quantize a batch of oriented tiles ``fp32 [N, R, C]`` row-wise.
 
@@ -125,7 +126,9 @@ def quantize_oriented(
     normalization is absorbed into the metadata (KVarN; 0 iterations keep the format with a
     norm of ones); with None it is plain per-row RTN without a norm (KIVI, RTN per token).
     ``refit_iters`` least-squares refits (``rtn.refit_rows`` with ``cover``, weighted by the
-    squared column norms) follow the RTN of a normalized tile.
+    squared column norms) follow the RTN of a normalized tile. A tile whose metadata does not
+    fit fp16 raises ``ValueError``, or with ``check_range=False`` keeps its Inf/NaN metadata
+    (the serving path checks the records it commits: ``request_guard.guard_scales``).
     """
     if sinkhorn_iters is not None:
         row_norm, col_norm = variance_normalize(m, sinkhorn_iters)
@@ -146,7 +149,7 @@ def quantize_oriented(
     bad = ~(torch.isfinite(scale).all(1) & torch.isfinite(zero).all(1))
     if norm is not None:
         bad |= ~torch.isfinite(norm).all(1)
-    if bad.any():
+    if check_range and bad.any():
         raise ValueError(
             f"Tile {int(bad.nonzero()[0])} exceeds the fp16 metadata range "
             f"(|values| up to {m.abs().amax().item():.3g})"
@@ -190,6 +193,7 @@ def quantize_tile_pages(
     sinkhorn_iters: int | None,
     clip_quantile: float = 0.0,
     refit_iters: int = 0,
+    check_range: bool = True,
 ) -> torch.Tensor:
     """Quantize pages with any tile method (KVarN, its ablations, KIVI, RTN per token).
 
@@ -205,9 +209,11 @@ def quantize_tile_pages(
     p, _, h, _ = k.shape
     k, v = (rotate(k), rotate(v)) if rotated else (k.float(), v.float())
     k_t = quantize_oriented(
-        _tiles(k, k_per_channel), k_bits, sinkhorn_iters, clip_quantile, refit_iters
+        _tiles(k, k_per_channel), k_bits, sinkhorn_iters, clip_quantile, refit_iters, check_range
     )
-    v_t = quantize_oriented(_tiles(v, False), v_bits, sinkhorn_iters, clip_quantile, refit_iters)
+    v_t = quantize_oriented(
+        _tiles(v, False), v_bits, sinkhorn_iters, clip_quantile, refit_iters, check_range
+    )
     return encode_tiles(k_t, v_t, layout, p, h)
 
 
@@ -223,12 +229,16 @@ def dequantize_tile_pages(
     return (rotate(k), rotate(v)) if rotated else (k, v)
 
 
-def quantize_pages(k: torch.Tensor, v: torch.Tensor, config: KVarNConfig) -> torch.Tensor:
+def quantize_pages(
+    k: torch.Tensor, v: torch.Tensor, config: KVarNConfig, *, check_range: bool = True
+) -> torch.Tensor:
     """KVarN-quantize full pages into packed records.
 
     Args:
         k, v: ``[num_pages, G, num_kv_heads, head_dim]`` fp16/bf16/fp32, finite (post-RoPE K).
         config: G and head_dim must match the inputs.
+        check_range: raise ``ValueError`` for a page whose scales do not fit fp16 (finite bf16
+            values beyond about 1e9); False stores them as Inf/NaN, as the Triton commit does.
     Returns:
         ``uint8 [num_pages, num_kv_heads, config.page_bytes]`` laid out as ``config.layout``.
     """
@@ -247,6 +257,7 @@ def quantize_pages(k: torch.Tensor, v: torch.Tensor, config: KVarNConfig) -> tor
         sinkhorn_iters=config.sinkhorn_iters,
         clip_quantile=config.clip_quantile,
         refit_iters=config.refit_iters,
+        check_range=check_range,
     )
 
 

@@ -40,6 +40,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from kvarn_sglang.quant.page_attention import FULL, LayerAttention
 from kvarn_sglang.quant.reference import ref_decode_attention, ref_extend_attention
+from kvarn_sglang.serving.device_check import facts_of, refuse_device
 from kvarn_sglang.serving.forward_plan import (
     CLEAN,
     ForwardPlan,
@@ -51,7 +52,7 @@ from kvarn_sglang.serving.forward_plan import (
 from kvarn_sglang.serving.model_check import refuse_unsupported_layers
 from kvarn_sglang.serving.pages import pass_pages
 from kvarn_sglang.serving.pool import KVarNTokenToKVPool
-from kvarn_sglang.serving.request_guard import pages_to_commit, screen
+from kvarn_sglang.serving.request_guard import guard_scales, pages_to_commit, screen
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class KVarNAttnBackend(AttentionBackend):
         model = getattr(model_runner, "model", None)
         if model is not None:  # the scheduler's model runner (tests may pass none)
             refuse_unsupported_layers(model)
+        refuse_device(facts_of(torch.device(pool.device)), pool.dtype)  # startup checked too
         self.pool = pool
         # What SGLang's wrappers (HybridLinearAttnBackend) read from the backend they wrap.
         self.token_to_kv_pool = model_runner.token_to_kv_pool
@@ -142,6 +144,13 @@ class KVarNAttnBackend(AttentionBackend):
         max_context / G]``, ``graph_commits int64 [max_bs]`` (page 0 = nothing) with their
         batch rows ``graph_commit_rows int64 [max_bs]``, and ``graph_bad_layer int32
         [max_bs]`` (``request_guard``)."""
+        from sglang.srt.environ import envs
+
+        if envs.SGLANG_ENABLE_METADATA_GLUE_GRAPH.get():  # refused at startup as well
+            raise ValueError(
+                "KVarN plans each captured decode step on the host, which SGLang's metadata "
+                "glue graph skips: unset SGLANG_ENABLE_METADATA_GLUE_GRAPH"
+            )
         g, dev = self.config.page_size, self.req_to_token.device
         max_pages = -(-self.req_to_token.shape[1] // g)
         self.graph_page_table = torch.zeros(max_bs, max_pages, dtype=torch.long, device=dev)
@@ -251,6 +260,10 @@ class KVarNAttnBackend(AttentionBackend):
         direct = pages_to_commit(plan.direct_pages, plan.direct_page_rows, plan)
         rows = plan.direct_rows
         store.commit(local, direct, k[rows], v[rows], check_finite=False)
+        committed = torch.cat([slot_pages, direct])
+        if committed.numel():  # finite K/V can still be beyond what fp16 scales hold
+            owners = torch.cat([plan.slot_commit_rows, plan.direct_page_rows])
+            guard_scales(store, local, committed, owners, plan, layer.layer_id)
         return local, k, v
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kw):
@@ -304,10 +317,10 @@ class KVarNAttnBackend(AttentionBackend):
             out = decode_attention(*args, window_left=attn.window_left)
         else:
             out = ref_decode_attention(*args, attn=attn)
-        self._commit_after_attention(local)
+        self._commit_after_attention(local, layer.layer_id)
         return out.to(q.dtype).reshape(-1, hq * d)
 
-    def _commit_after_attention(self, local: int) -> None:
+    def _commit_after_attention(self, local: int, layer_id: int) -> None:
         """Decode's commit, off the critical path. A decode step's completing token reads its
         own page in fp16 (decode-consistent), so the packed record is first needed by the
         next step: the commit is launched after the layer's attention, on a side stream on
@@ -322,11 +335,17 @@ class KVarNAttnBackend(AttentionBackend):
         side = self._commit_stream()
         if side is None:
             store.commit_slots(local, pages, check_finite=False)
+            if pages.numel():
+                guard_scales(store, local, pages, plan.slot_commit_rows, plan, layer_id)
             return
         main = torch.cuda.current_stream(pages.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
             store.commit_slots(local, pages, check_finite=False)
+            # Finite K/V beyond what a page's scales hold (as in ``write_kv``); the flags it
+            # sets are read after the step, which joins this stream at the last layer.
+            if pages.numel():
+                guard_scales(store, local, pages, plan.slot_commit_rows, plan, layer_id)
         pages.record_stream(side)  # made on the main stream, read on the side stream
         if local == len(store.packed) - 1:
             main.wait_stream(side)

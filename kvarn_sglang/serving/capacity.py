@@ -46,8 +46,10 @@ def decode_num_slots(max_running_requests: int, sink_pages: int) -> int:
 
 def min_num_slots(max_running_requests: int, sink_pages: int) -> int:
     """The fewest slots that let ``max_running_requests`` requests run at once: a filling page
-    each, and the sink pages of one prefix they all share."""
-    return max_running_requests + sink_pages
+    each, and the sink pages of one prefix they all share; and never fewer than a lone request
+    prefilled in chunks needs (its sink pages and two filling pages, ``pages.filling_slots``).
+    While one of them is prefilled in chunks, one fewer runs beside it at this minimum."""
+    return max(max_running_requests, 2) + sink_pages
 
 
 def kvarn_cell_bytes(fp16_cell_bytes: int, config: KVarNConfig, elem_bytes: int) -> int:

@@ -54,6 +54,7 @@ class PageStore:
         use_kernels: commit (and, in the backend, attend) with the Triton kernels; True on
             CUDA, the torch reference otherwise (tests set it on CPU to run the kernels in
             Triton's interpreter).
+        scale_index: ``int64 [M]``, the fp16 elements of a record that hold its metadata.
     """
 
     def __init__(
@@ -90,6 +91,12 @@ class PageStore:
         self._top = num_slots
         self._pending: list[torch.Tensor] = []
         self.use_kernels = torch.device(device).type == "cuda"
+        spans = [
+            torch.arange(f.offset // 2, (f.offset + f.nbytes) // 2)
+            for f in config.layout.fields
+            if f.dtype == torch.float16
+        ]
+        self.scale_index = torch.cat(spans).to(device)
 
     @property
     def nbytes(self) -> int:
@@ -244,10 +251,25 @@ class PageStore:
         else:
             keep = page_ids > 0  # page 0 pads the static commit list of graph decode
             if keep.any():
-                records = quantize_pages(k[keep], v[keep], self.config)
+                # Scales beyond fp16 are stored as the kernel stores them; the backend checks
+                # every record it commits (``check_scales``) and fails its request alone.
+                records = quantize_pages(k[keep], v[keep], self.config, check_range=False)
                 self.packed[layer][page_ids[keep]] = records
         if layer == 0:
             self.commits[page_ids] += 1
+
+    def check_scales(self, layer: int, page_ids: torch.Tensor) -> torch.Tensor:
+        """``bool [P]``: whether the fp16 metadata (scales, zero points, norms) of the records
+        of ``page_ids [P]`` in ``layer`` is finite for every KV head. A record whose metadata
+        is not (finite K/V beyond what a page's fp16 scales hold) gets all-zero metadata, so
+        it reads as zeros, finite, until its page is freed. Page 0 (padding) always passes.
+        Device operations only (graph-capturable)."""
+        f16 = self.packed[layer].view(torch.float16)  # [num_pages, H, page_bytes / 2]
+        at = (page_ids[:, None], slice(None), self.scale_index[None, :])
+        meta = f16[at]  # [P, M, H]
+        ok = torch.isfinite(meta).flatten(1).all(1) | (page_ids == 0)
+        f16[at] = torch.where(ok[:, None, None], meta, torch.zeros_like(meta))
+        return ok
 
     def view(self, layer: int) -> PagedKVCache:
         """The store of one layer as the attention functions take it."""

@@ -36,7 +36,13 @@ pages are then committed:
 * every other page that receives tokens and is new in this pass (the last, partial page; a
   sink page) needs a new slot (``new_slot_rows``; ``new_sink_rows`` for sink pages).
 
-So a request holds at most ``sink_pages + 1`` slots between passes.
+So a request holds at most ``sink_pages + 1`` slots between passes. While a pass runs it can
+hold one more (``filling_slots``): a pass that starts inside a non-sink page and ends inside a
+later one opens the new page's slot before the slot of the page it completes comes back. A
+decode step adds one token and never does; a continued chunk of a chunked prefill does, as
+SGLang cuts continuation chunks anywhere (``--enable-mixed-chunk`` lowers the chunk by the
+running requests, a short memory budget lowers it too). The slot budget reserves that second
+filling page for every request prefilled in chunks (``slot_budget``).
 """
 
 from __future__ import annotations
@@ -111,3 +117,15 @@ def pass_pages(
                 direct_rows.append(list(range(row0 + j * g - p, row0 + (j + 1) * g - p)))
         row0 += s - p
     return PassPages(slot_rows, sink_rows, from_slots, direct, direct_rows)
+
+
+def filling_slots(prefix_len: int, seq_len: int, page_size: int, sink_pages: int) -> int:
+    """Non-sink fp16 slots one request holds while a pass from ``prefix_len`` to ``seq_len``
+    tokens runs: the partial non-sink page it was filling (held from an earlier pass; if the
+    pass completes it, its slot comes back only after the pass) plus the non-sink pages the
+    pass gives a new slot (``pass_pages``). At most 2, and 2 only for a pass that starts inside
+    a non-sink page and ends inside a later one."""
+    g = page_size
+    held = int(prefix_len % g != 0 and prefix_len // g >= sink_pages)
+    pages = pass_pages([prefix_len], [seq_len], g, sink_pages)
+    return held + len(pages.new_slot_rows) - len(pages.new_sink_rows)
