@@ -82,6 +82,7 @@ def pytest_addoption(parser):
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which tags the groups
 def pytest_collection_modifyitems(config, items):
     """With pytest-xdist (``--dist loadgroup``), the real-engine tests of one group run in one
     worker, so the run starts each shared server once: a test module names its group with
