@@ -139,8 +139,26 @@ def test_concurrent_requests(fleet):
         for t in threads:
             t.join()
     for i in range(4):
-        what = f"concurrent prompt {i}"
-        _assert_same(answers["pd", i], answers["single", i], what, CONCURRENT_LOGPROB_TOL)
+        _assert_same_up_to_a_near_tie(answers["pd", i], answers["single", i], f"prompt {i}")
+
+
+def _assert_same_up_to_a_near_tie(pd: dict, single: dict, what: str) -> None:
+    """Concurrent requests: the prompt's logprobs agree within ``CONCURRENT_LOGPROB_TOL``, and
+    so do the generated tokens' up to the first token the two choose differently, which must
+    be a near tie (the two chosen tokens' logprobs within the same bound; measured: a greedy
+    choice flipped at the 7th token of the 260-token prompt in one run of four)."""
+    a, b = (_logprobs(x, "input_token_logprobs") for x in (pd, single))
+    assert a.shape == b.shape, what
+    assert (a - b).abs().max().item() <= CONCURRENT_LOGPROB_TOL, what
+    pd_out, one_out = (
+        pd["meta_info"]["output_token_logprobs"],
+        single["meta_info"]["output_token_logprobs"],
+    )
+    assert len(pd_out) == len(one_out), what
+    for (lp_a, tok_a, _), (lp_b, tok_b, _) in zip(pd_out, one_out, strict=True):
+        assert abs(lp_a - lp_b) <= CONCURRENT_LOGPROB_TOL, (what, tok_a, lp_a, tok_b, lp_b)
+        if tok_a != tok_b:
+            break  # a near tie taken the other way: the continuations differ from here
 
 
 def test_continuation_of_an_answer(fleet):
