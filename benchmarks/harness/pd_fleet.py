@@ -129,10 +129,11 @@ class Router:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"sglang_router exited:\n{self.log_tail()}")
-            try:
-                http(f"{self.url}/health", timeout=5)
+            try:  # any 200 (the router's /health body is not JSON in every mode)
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as answer:
+                    answer.read()
                 return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"sglang_router did not answer in {timeout:.0f} s")
