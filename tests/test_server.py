@@ -30,6 +30,7 @@ from benchmarks.harness.server_process import (
     SMOLLM2_HF,
     ServerProcess,
     cpu_engine_env,
+    prompt_logprobs,
     wait_until_flushed,
 )
 from kvarn_sglang.eval.models import read_text
@@ -103,11 +104,7 @@ def test_a_prefix_cache_hit_computes_what_a_miss_computes(kvarn_server, long_pro
 
 
 def _input_logprobs(server: ServerProcess, ids: list[int]) -> torch.Tensor:
-    answer = server.generate(
-        {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, **GREEDY},
-         "return_logprob": True, "logprob_start_len": 0}
-    )  # fmt: skip
-    return torch.tensor([lp for lp, _, _ in answer["meta_info"]["input_token_logprobs"][1:]])
+    return torch.tensor(prompt_logprobs(server, ids))
 
 
 def test_teacher_forced_logprobs_agree_with_kvarn_sglang_eval(servers, tokenizer):

@@ -25,7 +25,7 @@ import pytest
 import torch
 from servers import ServerSpec
 
-from benchmarks.harness.server_process import ServerProcess, wait_until_flushed
+from benchmarks.harness.server_process import ServerProcess, prompt_logprobs, wait_until_flushed
 
 pytestmark = [pytest.mark.server, pytest.mark.xdist_group("models")]
 
@@ -107,11 +107,7 @@ def test_a_prefix_cache_hit_computes_what_a_miss_computes(family):
 
 
 def _input_logprobs(server: ServerProcess, ids: list[int]) -> torch.Tensor:
-    answer = server.generate(
-        {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, **GREEDY},
-         "return_logprob": True, "logprob_start_len": 0}
-    )  # fmt: skip
-    return torch.tensor([lp for lp, _, _ in answer["meta_info"]["input_token_logprobs"][1:]])
+    return torch.tensor(prompt_logprobs(server, ids))
 
 
 def test_teacher_forced_logprobs_are_the_evals_kvarn_forward(family, monkeypatch):

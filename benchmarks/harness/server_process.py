@@ -56,6 +56,16 @@ def http(url: str, payload: dict | None = None, timeout: float = 600.0) -> dict:
     return json.loads(body) if body.strip() else {}
 
 
+def prompt_logprobs(server: ServerProcess, ids: list[int]) -> list[float]:
+    """Greedy one-token request over ``ids``: the log-probability of each prompt token after
+    the first (teacher-forced, from one prefill)."""
+    answer = server.generate({
+        "input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+        "return_logprob": True, "logprob_start_len": 0,
+    })  # fmt: skip
+    return [lp for lp, _, _ in answer["meta_info"]["input_token_logprobs"][1:]]
+
+
 def flush_cache(url: str) -> bool:
     """Ask the server at ``url`` to drop its prefix cache; False while requests still run."""
     request = urllib.request.Request(f"{url}/flush_cache", method="POST")
