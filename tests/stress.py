@@ -31,7 +31,6 @@ import time
 import traceback
 from array import array
 from collections import Counter, OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +38,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParam
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang_harness import SimRequest, SimServer
 
+from benchmarks.harness.fidelity import one_thread
 from kvarn_sglang.format.config import KVarNConfig
 
 G = 64
@@ -385,18 +385,6 @@ def _draw_op(rng: random.Random, d: StressDriver, next_rid: int, prefixes) -> tu
         p = rng.choice(prefixes)
         return ("match", tuple(p[: rng.randrange(1, len(p) + 1)]))
     return ("evict", rng.randrange(1, 5) * G)
-
-
-@contextmanager
-def one_thread():
-    """Tensors here are tiny: intra-op threads only add overhead (20x slower on a loaded
-    2-core machine), so run single-threaded and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def replay(ops: list[tuple], driver_cls=None, **driver_kwargs) -> StressDriver:
